@@ -1,0 +1,16 @@
+"""monai_patchplug: TorchIO-style patch sampling and grid aggregation for MONAI."""
+
+from ._shapes import LOCATION, get_batch_images_and_size, parse_spatial_shape
+from .sampling import LabelSampler, PatchSampler, UniformSampler, WeightedSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOCATION",
+    "parse_spatial_shape",
+    "get_batch_images_and_size",
+    "PatchSampler",
+    "UniformSampler",
+    "WeightedSampler",
+    "LabelSampler",
+]

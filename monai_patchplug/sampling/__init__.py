@@ -1,0 +1,8 @@
+"""Patch samplers: MONAI dictionary transforms that draw (random samplers) or enumerate (grid) patches."""
+
+from .base import PatchSampler
+from .label import LabelSampler
+from .uniform import UniformSampler
+from .weighted import WeightedSampler
+
+__all__ = ["PatchSampler", "UniformSampler", "WeightedSampler", "LabelSampler"]

@@ -1,0 +1,241 @@
+"""PatchSampler: the MONAI dictionary transform that every sampler is.
+
+It selects the keys to crop, checks that they share one spatial shape, asks the subclass for the patch corners
+(all ``num_samples`` drawn together from ``self.R``), crops every key at each corner and records the box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from copy import deepcopy
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import InvertibleTransform, LazyTransform, MapTransform, Randomizable
+from monai.transforms.traits import MultiSampleTrait
+from monai.utils import TransformBackends, ensure_tuple
+
+from .._shapes import LOCATION, TypeSpatialShape, is_array, location_tensor, parse_spatial_shape, resolve_patch_size
+from .._shapes import spatial_shape as _spatial_shape
+from .crop import crop_box, uncrop
+
+__all__ = ["PatchSampler"]
+
+_IMAGE_NDIMS = (3, 4)  # channel + 2 or 3 spatial dims
+
+
+def _check_num_samples(num_samples: int | None) -> int | None:
+    if num_samples is None:
+        return None
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+        raise TypeError(f"num_samples must be None or a positive int, got {num_samples!r}.")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be None or a positive int, got {num_samples!r}.")
+    return int(num_samples)
+
+
+class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransform, MultiSampleTrait):
+    """Base class of the random patch samplers: a MONAI ``Randomizable`` dictionary transform.
+
+    Calling it on a data dict (``{"image": (C, *spatial), "label": ..., other entries}``) returns one patch dict
+    (``num_samples=None``, TorchIO's ``patch = sampler(subject)``) or a list of ``num_samples`` patch dicts (MONAI's
+    multi-sample convention, flattened by ``list_data_collate``). Each patch dict holds the cropped arrays, the
+    other entries of the input, and ``LOCATION``: ``[i0, j0, k0, i1, j1, k1]`` (2D: ``[i0, j0, i1, j1]``).
+
+    Subclasses implement :meth:`draw_corners`. Randomness comes only from ``self.R``; inputs are never modified.
+
+    Args:
+        patch_size: an int (same size on every axis) or one int per spatial dim; a 2D image also takes 3 values
+            whose last is 1 (TorchIO's 2D convention).
+        keys: keys to crop. ``None``: every array entry with a channel and 2 or 3 spatial dims (all must share
+            one spatial shape); other entries are copied to every patch.
+        num_samples: ``None`` for one patch dict, or the number of patch dicts to return as a list.
+        allow_missing_keys: with explicit ``keys``, skip keys that are absent instead of raising ``KeyError``.
+        lazy: queue the crops as pending operations (MONAI lazy resampling) instead of executing them.
+
+    Raises:
+        TypeError, ValueError: on a bad ``patch_size`` or ``num_samples``.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        patch_size: TypeSpatialShape,
+        *,
+        keys: KeysCollection | None = None,
+        num_samples: int | None = None,
+        allow_missing_keys: bool = False,
+        lazy: bool = False,
+    ) -> None:
+        resolve_patch_size(patch_size, len(patch_size) if isinstance(patch_size, Sequence) else 3)
+        if isinstance(patch_size, Sequence) and len(patch_size) not in (2, 3):
+            raise ValueError(f"patch_size must be an int or 2 or 3 ints, got {tuple(patch_size)!r}.")
+        self._patch_size = patch_size
+        self.keys: tuple[Hashable, ...] | None = None if keys is None else ensure_tuple(keys)
+        if self.keys is not None and not self.keys:
+            raise ValueError("keys must be None or non-empty.")
+        self.allow_missing_keys = allow_missing_keys
+        self.num_samples = _check_num_samples(num_samples)
+        LazyTransform.__init__(self, lazy=lazy)
+        self._keys: list[Hashable] = []
+        self._size: tuple[int, ...] = ()
+        self._corners = np.zeros((0, 3), dtype=np.int64)
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The patch size: a 3-tuple for an int, else the given values as a tuple of ints."""
+        if isinstance(self._patch_size, Sequence) or is_array(self._patch_size):
+            return tuple(int(v) for v in np.asarray(self._patch_size).ravel())
+        return parse_spatial_shape(self._patch_size)
+
+    # -- what a subclass provides -------------------------------------------------------------------------------
+    def map_key(self, data: Mapping[Hashable, Any]) -> Hashable | None:
+        """The key of ``data`` whose array drives the draw (a weight or label map), or ``None``."""
+        return None
+
+    def draw_corners(
+        self, data: Mapping[Hashable, Any], spatial_shape: tuple[int, ...], patch_size: tuple[int, ...], n: int
+    ) -> np.ndarray:
+        """Draw ``n`` patch corners (``(n, ndim)`` int64, each in ``[0, spatial_shape - patch_size]``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement draw_corners().")
+
+    # -- MONAI transform protocol ---------------------------------------------------------------------------------
+    def randomize(self, data: Mapping[Hashable, Any]) -> None:
+        """Check ``data``, then draw this call's patch corners from ``self.R`` and keep them for :meth:`__call__`."""
+        self._keys = self._image_keys(data)
+        map_key = self.map_key(data)
+        shape = _spatial_shape(data[map_key if map_key is not None else self._keys[0]])
+        self._size = self._fit_patch_size(shape)
+        self._corners = self.draw_corners(data, shape, self._size, self.num_samples or 1)
+
+    def __call__(
+        self, data: Mapping[Hashable, Any], lazy: bool | None = None
+    ) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
+        """Draw and crop the patches of one subject.
+
+        Args:
+            data: the subject dict; never modified.
+            lazy: override ``self.lazy`` for this call.
+
+        Returns:
+            One patch dict (``num_samples=None``) or a list of ``num_samples`` patch dicts. Allocates the patches;
+            entries that are not cropped are deep-copied per patch, except arrays, which are shared.
+
+        Raises:
+            KeyError: a requested key (or the map key) is missing.
+            ValueError: no image, keys of different spatial shapes, a patch larger than the image, or a map the
+                subclass cannot draw from.
+        """
+        d = dict(data)
+        self.randomize(d)
+        patches = self.crop_patches(d, self._keys, self._corners, self._size, self.lazy if lazy is None else lazy)
+        return patches if self.num_samples is not None else patches[0]
+
+    def crop_patches(
+        self,
+        data: Mapping[Hashable, Any],
+        keys: Sequence[Hashable],
+        corners: np.ndarray,
+        size: tuple[int, ...],
+        lazy: bool = False,
+    ) -> list[dict[Hashable, Any]]:
+        """One patch dict per corner: ``keys`` cropped (with metadata and inverse record), ``LOCATION`` set.
+
+        Entries that are not cropped are deep-copied per patch, except arrays, which are shared (a full volume is
+        not duplicated ``len(corners)`` times). Allocates the patches.
+        """
+        info = self.get_transform_info()
+        others = {k: v for k, v in data.items() if k not in keys}
+        half = np.asarray(size, dtype=np.int64) // 2
+        patches = []
+        for index, corner in enumerate(np.asarray(corners, dtype=np.int64).tolist()):
+            patch = {k: v if is_array(v) else deepcopy(v) for k, v in others.items()}
+            location = location_tensor(corner, size)
+            for key in keys:
+                out = crop_box(data[key], corner, size, info, lazy=lazy)
+                if isinstance(out, MetaTensor):
+                    out.meta["patch_index"] = index
+                    out.meta["crop_center"] = np.asarray(corner, dtype=np.int64) + half
+                    out.meta[LOCATION] = location.clone()
+                patch[key] = out
+            patch[LOCATION] = location
+            patches.append(patch)
+        return patches
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Pad every MetaTensor whose most recent operation is this sampler's crop back to the full image.
+
+        Used by ``monai.transforms.Invertd``/``Compose.inverse``; entries cropped by another transform are left as
+        they are. Allocates the padded images.
+        """
+        d = dict(data)
+        for key, value in d.items():
+            if isinstance(value, MetaTensor) and value.applied_operations:
+                if self._transforms_match(value.applied_operations[-1]):
+                    d[key] = uncrop(value)
+        return d
+
+    # -- key selection and checks ----------------------------------------------------------------------------------
+    def _image_keys(self, data: Mapping[Hashable, Any]) -> list[Hashable]:
+        """Keys to crop, the map key (if any) first; checks they exist and share one spatial shape."""
+        map_key = self.map_key(data)
+        if map_key is not None and map_key not in data:
+            raise KeyError(f"{type(self).__name__}: key {map_key!r} not in the data (keys: {list(data)!r}).")
+        if self.keys is None:
+            keys = [k for k, v in data.items() if is_array(v) and v.ndim in _IMAGE_NDIMS]
+            if not keys:
+                raise ValueError(
+                    f"{type(self).__name__}: no image in the data: expected arrays of shape (C, H, W[, D]); "
+                    f"keys: {list(data)!r}."
+                )
+        else:
+            missing = [k for k in self.keys if k not in data]
+            if missing and not self.allow_missing_keys:
+                raise KeyError(
+                    f"{type(self).__name__}: key {missing[0]!r} not in the data (keys: {list(data)!r}); "
+                    "pass allow_missing_keys=True to skip absent keys."
+                )
+            keys = [k for k in self.keys if k in data]
+            if not keys and map_key is None:
+                raise ValueError(f"{type(self).__name__}: none of keys {self.keys!r} is in the data.")
+        if map_key is not None:
+            keys = [map_key] + [k for k in keys if k != map_key]
+        for key in keys:
+            value = data[key]
+            if not is_array(value) or value.ndim not in _IMAGE_NDIMS:
+                got = tuple(value.shape) if is_array(value) else type(value).__name__
+                raise ValueError(f"{type(self).__name__}: data[{key!r}] must be a (C, H, W[, D]) array, got {got}.")
+        shapes = {k: _spatial_shape(data[k]) for k in keys}
+        if len(set(shapes.values())) > 1:
+            hint = " Pass keys=[...] to crop only some entries." if self.keys is None else ""
+            raise ValueError(f"{type(self).__name__}: spatial shapes differ between keys: {shapes!r}.{hint}")
+        if map_key is not None and self.keys is not None and map_key not in self.keys:
+            keys.remove(map_key)
+        return keys
+
+    def _fit_patch_size(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        size = resolve_patch_size(self._patch_size, len(shape))
+        if any(p > s for p, s in zip(size, shape)):
+            raise ValueError(
+                f"{type(self).__name__}: patch_size {size} is larger than the image's spatial shape {shape}; "
+                "pad the image first (e.g. monai.transforms.SpatialPadd)."
+            )
+        return size
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> PatchSampler:
+        """Seed ``self.R`` (as every MONAI ``Randomizable``); returns ``self``."""
+        super().set_random_state(seed=seed, state=state)
+        return self
+
+
+def valid_region(img: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """View (no copy) of channel-indexed ``img``'s voxels that are valid patch centres: ``P//2 ... S-1-(P-1)//2``.
+
+    Index ``i`` of the view on an axis is the patch corner ``i`` on that axis.
+    """
+    slices = tuple(slice(p // 2, s - (p - 1) // 2) for p, s in zip(patch_size, img.shape[-len(patch_size) :]))
+    return img[(..., *slices)]

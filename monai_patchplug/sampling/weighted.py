@@ -1,0 +1,144 @@
+"""WeightedSampler and the hierarchical draw from a non-negative weight map that LabelSampler reuses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._shapes import TypeSpatialShape, plain_tensor
+from .base import PatchSampler, valid_region
+
+__all__ = ["WeightedSampler", "row_sums", "draw_from_weights"]
+
+
+def row_sums(weights: torch.Tensor) -> torch.Tensor:
+    """Sums of ``weights`` along its last axis, shape ``weights.shape[:-1]``.
+
+    Floating maps sum in their own precision (at least float32; a row is short, so float32 keeps its mass),
+    bool/uint8 maps in int32 and other integers in int64. Allocates only the result, never a converted volume.
+    """
+    if weights.dtype == torch.bool:
+        weights = weights.view(torch.uint8)
+    if weights.is_floating_point():
+        return weights.sum(-1, dtype=torch.float64 if weights.dtype == torch.float64 else torch.float32)
+    return weights.sum(-1, dtype=torch.int32 if weights.dtype == torch.uint8 else torch.int64)
+
+
+def _search(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """First index with ``cdf >= u``; ``u`` in ``(0, cdf[-1]]`` never lands on a zero-weight entry."""
+    return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+
+
+def draw_from_weights(
+    weights: torch.Tensor, n: int, rng: np.random.RandomState, rows: torch.Tensor | None = None
+) -> np.ndarray:
+    """Draw ``n`` voxel indices of ``weights`` (any spatial rank >= 2) with probability proportional to the weight.
+
+    Hierarchical inverse-CDF: a float64 CDF over the row sums (one number per row along the last axis) picks the
+    rows, then a float64 CDF within each picked row picks the voxel. This is one pass over the map plus
+    ``O(rows + n * row_length)``; no full-volume cumulative sum or float64 copy is made.
+
+    Args:
+        weights: non-negative weights, any real or bool dtype, a view is fine.
+        n: how many indices to draw (with replacement).
+        rng: the ``numpy.random.RandomState`` that drives the draw (a transform's ``self.R``).
+        rows: ``row_sums(weights)`` if the caller already has it.
+
+    Returns:
+        ``(n, weights.ndim)`` int64 indices.
+
+    Raises:
+        ValueError: if the weights have no positive mass.
+    """
+    if rows is None:
+        rows = row_sums(weights)
+    cdf = torch.cumsum(rows.reshape(-1), 0, dtype=torch.float64)
+    total = float(cdf[-1])
+    if not total > 0:
+        raise ValueError("the weights have no positive mass.")
+    u = torch.from_numpy((1.0 - rng.random_sample(n)) * total)
+    flat_rows = _search(cdf, u)
+    row_index = torch.unravel_index(flat_rows, tuple(weights.shape[:-1]))
+    picked = weights[row_index]
+    if picked.dtype == torch.bool:
+        picked = picked.view(torch.uint8)
+    within = torch.cumsum(picked, 1, dtype=torch.float64)
+    v = torch.from_numpy(1.0 - rng.random_sample(n)) * within[:, -1]
+    cols = _search(within, v[:, None])[:, 0]
+    return torch.stack([*row_index, cols], 1).numpy().astype(np.int64)
+
+
+def _check_weights(weights: torch.Tensor, key: Hashable) -> None:
+    """Reject negative, NaN and infinite weights with one min/max pass (no temporary volume)."""
+    if weights.dtype == torch.bool:
+        return
+    lo, hi = torch.aminmax(weights)
+    lo_f, hi_f = float(lo), float(hi)
+    if math.isnan(lo_f) or math.isnan(hi_f):
+        raise ValueError(f"probability map {key!r} contains NaN.")
+    if lo_f < 0:
+        raise ValueError(f"probability map {key!r} has negative values (min {lo_f}); probabilities must be >= 0.")
+    if math.isinf(hi_f):
+        raise ValueError(f"probability map {key!r} contains infinite values.")
+
+
+def no_mass_message(what: str, patch_size: tuple[int, ...]) -> str:
+    """Why a map has no mass on valid centres, and how much padding makes every voxel a valid centre."""
+    before = tuple(p // 2 for p in patch_size)
+    after = tuple((p - 1) // 2 for p in patch_size)
+    return (
+        f"{what} on the valid patch centres: for patch_size {patch_size} a centre must be at least {before} voxels "
+        f"from the start and {after} from the end of each axis, and all the mass lies closer to the border. Pad the "
+        f"image by {before} before and {after} after each axis (e.g. monai.transforms.BorderPadd or SpatialPadd) to "
+        "make every voxel a valid centre."
+    )
+
+
+class WeightedSampler(PatchSampler):
+    """Draw patches whose centre has probability proportional to a probability map stored in the data.
+
+    The centre ``c`` of a patch of size ``P`` has corner ``c - P // 2``. Only valid centres (``P//2 ... S-1-(P-1)//2``
+    on each axis) can be drawn: mass outside them is ignored, never clamped into the border. Channel 0 of the map
+    is used; it may have any real dtype and need not be normalised.
+
+    Args:
+        patch_size: as :class:`~monai_patchplug.PatchSampler`.
+        probability_map: key of the map in the data dict (cropped like the images when ``keys=None``).
+        keys, num_samples, allow_missing_keys, lazy: as :class:`~monai_patchplug.PatchSampler`.
+
+    Raises:
+        ValueError: at call time, for a map with negative, NaN or infinite values, or without mass on valid centres.
+        KeyError: at call time, if the map key is missing.
+    """
+
+    def __init__(self, patch_size: TypeSpatialShape, probability_map: Hashable, **kwargs: Any) -> None:
+        super().__init__(patch_size, **kwargs)
+        if probability_map is None:
+            raise TypeError("probability_map must name the key of the probability map, got None.")
+        self.probability_map = probability_map
+
+    @property
+    def requires_current_data(self) -> bool:
+        """The draw reads the map's values, so a lazy pipeline must apply pending operations first."""
+        return True
+
+    def map_key(self, data: Mapping[Hashable, Any]) -> Hashable:
+        """The probability map's key."""
+        return self.probability_map
+
+    def draw_corners(
+        self, data: Mapping[Hashable, Any], spatial_shape: tuple[int, ...], patch_size: tuple[int, ...], n: int
+    ) -> np.ndarray:
+        """Corners of ``n`` centres drawn from channel 0 of the map. Allocates the row sums, not a volume."""
+        weights = plain_tensor(data[self.probability_map])[0]
+        _check_weights(weights, self.probability_map)
+        try:
+            return draw_from_weights(valid_region(weights, patch_size), n, self.R)
+        except ValueError:
+            raise ValueError(
+                no_mass_message(f"probability map {self.probability_map!r} has no mass", patch_size)
+            ) from None
