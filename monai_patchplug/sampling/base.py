@@ -20,7 +20,7 @@ from monai.utils import TransformBackends, ensure_tuple
 
 from .._shapes import LOCATION, TypeSpatialShape, is_array, location_tensor, parse_spatial_shape, resolve_patch_size
 from .._shapes import spatial_shape as _spatial_shape
-from .crop import crop_box, uncrop
+from .crop import crop_box, crop_source, translated_affines, uncrop
 
 __all__ = ["PatchSampler"]
 
@@ -55,6 +55,10 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         num_samples: ``None`` for one patch dict, or the number of patch dicts to return as a list.
         allow_missing_keys: with explicit ``keys``, skip keys that are absent instead of raising ``KeyError``.
         lazy: queue the crops as pending operations (MONAI lazy resampling) instead of executing them.
+        copy: make each patch a contiguous copy. By default a patch is a view of the input's memory, as MONAI's
+            croppers return it: collation (``list_data_collate``) then makes the one copy. The sampler never writes
+            to its input either way, but an in-place edit of a view reaches the input: pass ``copy=True`` when patches
+            are edited in place or kept while the volume should be freed.
 
     Raises:
         TypeError, ValueError: on a bad ``patch_size`` or ``num_samples``.
@@ -70,6 +74,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         num_samples: int | None = None,
         allow_missing_keys: bool = False,
         lazy: bool = False,
+        copy: bool = False,
     ) -> None:
         resolve_patch_size(patch_size, len(patch_size) if isinstance(patch_size, Sequence) else 3)
         if isinstance(patch_size, Sequence) and len(patch_size) not in (2, 3):
@@ -80,6 +85,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             raise ValueError("keys must be None or non-empty.")
         self.allow_missing_keys = allow_missing_keys
         self.num_samples = _check_num_samples(num_samples)
+        self.copy = bool(copy)
         LazyTransform.__init__(self, lazy=lazy)
         self._keys: list[Hashable] = []
         self._size: tuple[int, ...] = ()
@@ -122,8 +128,8 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             lazy: override ``self.lazy`` for this call.
 
         Returns:
-            One patch dict (``num_samples=None``) or a list of ``num_samples`` patch dicts. Allocates the patches;
-            entries that are not cropped are deep-copied per patch, except arrays, which are shared.
+            One patch dict (``num_samples=None``) or a list of ``num_samples`` patch dicts (see
+            :meth:`crop_patches` for what is allocated).
 
         Raises:
             KeyError: a requested key (or the map key) is missing.
@@ -146,20 +152,28 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         """One patch dict per corner: ``keys`` cropped (with metadata and inverse record), ``LOCATION`` set.
 
         Entries that are not cropped are deep-copied per patch, except arrays, which are shared (a full volume is
-        not duplicated ``len(corners)`` times). Allocates the patches.
+        not duplicated ``len(corners)`` times). Allocates the patch dicts, their metadata and, with ``self.copy``,
+        the patch arrays; otherwise the patches are views of ``data``'s arrays.
         """
         info = self.get_transform_info()
+        corners = np.asarray(corners, dtype=np.int64)
+        sources = {key: crop_source(data[key]) for key in keys}
+        affines = {
+            key: translated_affines(src.affine, corners) if isinstance(src, MetaTensor) else None
+            for key, src in sources.items()
+        }
         others = {k: v for k, v in data.items() if k not in keys}
-        half = np.asarray(size, dtype=np.int64) // 2
+        centres = corners + np.asarray(size, dtype=np.int64) // 2
         patches = []
-        for index, corner in enumerate(np.asarray(corners, dtype=np.int64).tolist()):
+        for index, corner in enumerate(corners.tolist()):
             patch = {k: v if is_array(v) else deepcopy(v) for k, v in others.items()}
             location = location_tensor(corner, size)
-            for key in keys:
-                out = crop_box(data[key], corner, size, info, lazy=lazy)
+            for key, src in sources.items():
+                affine = None if affines[key] is None else affines[key][index]
+                out = crop_box(src, corner, size, info, lazy=lazy, affine=affine, copy=self.copy)
                 if isinstance(out, MetaTensor):
                     out.meta["patch_index"] = index
-                    out.meta["crop_center"] = np.asarray(corner, dtype=np.int64) + half
+                    out.meta["crop_center"] = centres[index].copy()
                     out.meta[LOCATION] = location.clone()
                 patch[key] = out
             patch[LOCATION] = location

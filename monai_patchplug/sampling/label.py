@@ -161,11 +161,11 @@ class LabelSampler(PatchSampler):
     def _absent_message(self, label_map: Any, key: Hashable, patch_size: tuple[int, ...]) -> str:
         """Error text when no wanted label lies on a valid centre: absent altogether, or only near the border."""
         full = plain_tensor(label_map)
-        what = "foreground" if self.label_probabilities is None else f"the labels {self._wanted()}"
+        what = "no foreground" if self.label_probabilities is None else f"none of the labels {self._wanted()}"
         if not any(bool(mask.any()) for _, _, mask in self._label_masks(full)):
             present = torch.unique(full[0]).tolist() if full.shape[0] == 1 else f"{full.shape[0]} one-hot channels"
-            return f"LabelSampler: label map {key!r} holds no {what} (it holds {present})."
-        return no_mass_message(f"LabelSampler: label map {key!r} has no {what}", patch_size)
+            return f"LabelSampler: label map {key!r} holds {what} (it holds {present})."
+        return no_mass_message(f"LabelSampler: label map {key!r} has {what}", patch_size)
 
     def _wanted(self) -> list[int]:
         return [label for label, p in (self.label_probabilities or {}).items() if p > 0]

@@ -62,7 +62,7 @@ def draw_from_weights(
         raise ValueError("the weights have no positive mass.")
     u = torch.from_numpy((1.0 - rng.random_sample(n)) * total)
     flat_rows = _search(cdf, u)
-    row_index = torch.unravel_index(flat_rows, tuple(weights.shape[:-1]))
+    row_index = tuple(torch.from_numpy(i) for i in np.unravel_index(flat_rows.numpy(), tuple(weights.shape[:-1])))
     picked = weights[row_index]
     if picked.dtype == torch.bool:
         picked = picked.view(torch.uint8)

@@ -1,0 +1,40 @@
+"""Small synthetic phantoms shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+
+def box_slices(location: torch.Tensor) -> tuple[slice, ...]:
+    """Channel-first slices of the box ``[starts..., ends...]``."""
+    loc = [int(v) for v in location]
+    n = len(loc) // 2
+    return (slice(None),) + tuple(slice(loc[i], loc[n + i]) for i in range(n))
+
+
+def make_label_map(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """uint8 map (1, *shape): background 0 and three nested boxes 1 (largest) .. 3 (smallest)."""
+    lab = torch.zeros((1, *shape), dtype=torch.uint8)
+    for value, frac in ((1, 0.6), (2, 0.35), (3, 0.15)):
+        sl = tuple(slice(int(s * (0.5 - frac / 2)), max(int(s * (0.5 + frac / 2)), int(s * (0.5 - frac / 2)) + 1))
+                   for s in shape)
+        lab[(0, *sl)] = value
+    return lab
+
+
+@pytest.fixture
+def subject() -> dict:
+    """A 3D subject: unique-valued float image, a 4-label uint8 map, a probability map and a non-array entry."""
+    shape = (24, 20, 16)
+    image = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(1, *shape)
+    affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
+    affine[:3, 3] = torch.tensor([-10.0, 5.0, 7.0])
+    return {
+        "image": MetaTensor(image, affine=affine),
+        "label": MetaTensor(make_label_map(shape), affine=affine),
+        "prob": MetaTensor(torch.rand((1, *shape), generator=torch.Generator().manual_seed(0)), affine=affine),
+        "name": "case_000",
+    }

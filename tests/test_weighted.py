@@ -1,0 +1,102 @@
+"""WeightedSampler and the hierarchical draw: centres only where the map is positive, in proportion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import monai_patchplug as mpp
+from monai_patchplug.sampling.weighted import draw_from_weights
+
+
+def centres(patches, patch_size) -> np.ndarray:
+    return np.stack([p[mpp.LOCATION][:3].numpy() for p in patches]) + np.asarray(patch_size) // 2
+
+
+def assert_frequencies(observed_counts: np.ndarray, probabilities: np.ndarray, n: int) -> None:
+    """Each frequency within 5 standard deviations of its binomial expectation."""
+    sd = np.sqrt(probabilities * (1 - probabilities) / n)
+    assert np.all(np.abs(observed_counts / n - probabilities) <= 5 * sd + 1e-12), (observed_counts / n, probabilities)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.uint8, torch.int32])
+def test_centres_in_proportion_to_the_map(dtype):
+    shape, size = (12, 10, 8), (4, 4, 2)
+    prob = torch.zeros(1, *shape, dtype=dtype)
+    points = {(2, 2, 1): 1, (5, 7, 3): 2, (9, 4, 6): 3, (9, 4, 7): 4, (5, 9, 3): 5}
+    for p, w in points.items():
+        prob[(0, *p)] = w
+    prob[0, 0, 0, 0] = 50  # not a valid centre for this patch size: must never be drawn
+    prob[0, 11, 9, 7] = 50  # likewise at the far corner
+    n = 6000
+    patches = mpp.WeightedSampler(size, "prob", num_samples=n).set_random_state(0)({"prob": prob})
+    got, counts = np.unique(centres(patches, size), axis=0, return_counts=True)
+    valid = {p: w for p, w in points.items() if p != (5, 9, 3)}  # 9 > S-1-(P-1)//2 = 8 on axis 1
+    assert {tuple(g) for g in got.tolist()} == set(valid)
+    expected = np.asarray([valid[tuple(g)] for g in got.tolist()], dtype=float)
+    assert_frequencies(counts, expected / expected.sum(), n)
+
+
+def test_bool_map_and_2d():
+    prob = torch.zeros(1, 9, 7, dtype=torch.bool)
+    prob[0, 3, 2] = prob[0, 5, 5] = True
+    patches = mpp.WeightedSampler((3, 3), "m", num_samples=400).set_random_state(1)({"m": prob})
+    got = {tuple((p[mpp.LOCATION][:2] + 1).tolist()) for p in patches}
+    assert got == {(3, 2), (5, 5)}
+
+
+def test_hierarchical_draw_matches_distribution():
+    rng = np.random.RandomState(0)
+    weights = torch.from_numpy(rng.gamma(0.3, size=(6, 5, 7))).float()
+    weights[2] = 0
+    n = 60000
+    idx = draw_from_weights(weights, n, np.random.RandomState(1))
+    flat = np.ravel_multi_index(idx.T, weights.shape)
+    counts = np.bincount(flat, minlength=weights.numel())
+    p = (weights / weights.sum()).numpy().ravel().astype(float)
+    assert counts[p == 0].sum() == 0
+    assert_frequencies(counts, p, n)
+
+
+def test_large_map_keeps_small_mass():
+    """A single tiny weight among 10^6 zeros and one large weight is still drawn in proportion."""
+    weights = torch.zeros(100, 100, 100)
+    weights[10, 10, 10] = 1e-3
+    weights[90, 90, 90] = 1.0
+    idx = draw_from_weights(weights, 200000, np.random.RandomState(0))
+    hits = (idx == [10, 10, 10]).all(1).sum()
+    assert hits > 0 and abs(hits / 200000 - 1e-3 / 1.001) < 5 * np.sqrt(1e-3 / 200000)
+    assert ((idx == [10, 10, 10]).all(1) | (idx == [90, 90, 90]).all(1)).all()
+
+
+def test_determinism(subject):
+    def run(seed):
+        patches = mpp.WeightedSampler(6, "prob", num_samples=5).set_random_state(seed)(subject)
+        return np.stack([p[mpp.LOCATION].numpy() for p in patches])
+
+    assert np.array_equal(run(7), run(7)) and not np.array_equal(run(7), run(8))
+
+
+@pytest.mark.parametrize("value, match", [(-1.0, "negative"), (float("nan"), "NaN"), (float("inf"), "infinite")])
+def test_bad_values(value, match):
+    prob = torch.ones(1, 8, 8, 8)
+    prob[0, 4, 4, 4] = value
+    with pytest.raises(ValueError, match=match):
+        mpp.WeightedSampler(4, "prob")({"prob": prob})
+
+
+def test_no_mass_on_valid_centres_says_how_to_pad():
+    prob = torch.zeros(1, 8, 8, 8)
+    prob[0, 0, 4, 4] = 1.0
+    with pytest.raises(ValueError, match=r"no mass.*Pad the image by \(2, 2, 2\) before and \(1, 1, 1\) after"):
+        mpp.WeightedSampler(4, "prob")({"prob": prob})
+    with pytest.raises(ValueError, match="no mass"):
+        mpp.WeightedSampler(4, "prob")({"prob": torch.zeros(1, 8, 8, 8)})
+
+
+def test_missing_map_key(subject):
+    with pytest.raises(KeyError, match="'weights'"):
+        mpp.WeightedSampler(4, "weights")(subject)
+    with pytest.raises(TypeError, match="probability_map"):
+        mpp.WeightedSampler(4, None)
