@@ -13,7 +13,7 @@ A second table shows how our per-call cost scales with ``num_samples``
 Run from the repository root::
 
     python benchmarks/sampling.py             # full size, 15 repeats
-    python benchmarks/sampling.py --repeats 5
+    python benchmarks/sampling.py --repeats 5 --threads 1
     python benchmarks/sampling.py --quick     # 1x64x64x48, 16^3 patches, 3 repeats
 """
 
@@ -66,16 +66,22 @@ def make_subject(shape: tuple[int, int, int], seed: int = 0) -> dict[str, MetaTe
     }
 
 
-def time_call(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs, after warm-ups."""
+def time_calls(fns: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
+    """Median wall-clock seconds of each ``fn()`` over ``repeats`` runs, after warm-ups.
+
+    The calls are interleaved (one round runs every ``fn`` once), so background load or allocator state drifting
+    during the run hits every row alike instead of whichever happened to be timed at that moment.
+    """
     for _ in range(WARMUPS):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[Any, list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 def load_ours() -> ModuleType:
@@ -152,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per row (default 15)")
     parser.add_argument("--quick", action="store_true", help="tiny volume / patches, 3 repeats (smoke test)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     shape, patch, repeats = ((64, 64, 48), 16, 3) if args.quick else ((256, 256, 160), 64, args.repeats)
     n = 16
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     pp, tio = load_ours(), load_torchio()
     data = make_subject(shape)
@@ -166,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         libs["TorchIO"] = torchio_calls(tio, data, patch, n)
     else:
         print("note: torchio is not installed; skipping the TorchIO column\n")
-    times = {lib: {k: time_call(fn, repeats) for k, fn in calls.items()} for lib, calls in libs.items()}
+    times = time_calls({(lib, k): fn for lib, calls in libs.items() for k, fn in calls.items()}, repeats)
 
     others = [lib for lib in libs if lib != "ours"]
     header = ["sampler"] + [f"{lib} (s)" for lib in libs] + [f"{lib}/ours" for lib in others]
     rows = [
-        [k] + [f"{times[lib][k]:.4g}" for lib in libs] + [f"{times[lib][k] / times['ours'][k]:.1f}x" for lib in others]
+        [k] + [f"{times[lib, k]:.4g}" for lib in libs] + [f"{times[lib, k] / times['ours', k]:.1f}x" for lib in others]
         for k in KINDS
     ]
     size = "x".join(map(str, (1, *shape)))
@@ -179,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(header, rows))
 
     counts = [1, 16, 64]
-    scaling = {c: {k: time_call(fn, repeats) for k, fn in ours_calls(pp, data, patch, c).items()} for c in counts}
-    rows = [[k] + [f"{scaling[c][k]:.4g}" for c in counts] + [f"{scaling[64][k] / scaling[1][k]:.1f}x"] for k in KINDS]
+    scaling = time_calls({(c, k): fn for c in counts for k, fn in ours_calls(pp, data, patch, c).items()}, repeats)
+    rows = [[k] + [f"{scaling[c, k]:.4g}" for c in counts] + [f"{scaling[64, k] / scaling[1, k]:.1f}x"] for k in KINDS]
     print(f"\n### ours: seconds per call vs. num_samples ({patch}^3 patches)\n")
     print(markdown_table(["sampler"] + [f"n={c} (s)" for c in counts] + ["64/1"], rows))
 
