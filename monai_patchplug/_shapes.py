@@ -85,6 +85,20 @@ def plain_tensor(img: torch.Tensor | np.ndarray) -> torch.Tensor:
     return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
 
 
+def host_array(img: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``img`` as a numpy array: a view of a CPU tensor's memory; a copy from another device or for bfloat16.
+
+    The samplers' bulk passes (compare, row sums, min/max) run in numpy: on a loaded 2-core machine torch's
+    threaded reductions over a strided view were 5-10x slower than numpy's single pass.
+    """
+    if isinstance(img, np.ndarray):
+        return img
+    t = plain_tensor(img).detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()
+
+
 def spatial_shape(img: torch.Tensor | np.ndarray) -> tuple[int, ...]:
     """Spatial shape of a channel-first image; a MetaTensor's pending (lazy) shape where it has one."""
     if isinstance(img, MetaTensor):

@@ -33,6 +33,7 @@ __all__ = [
     "TypePaddingMode",
     "axis_corners",
     "check_overlap_fits",
+    "check_pad_fits",
     "check_padding_mode",
     "crop_boundaries",
     "make_grid",
@@ -212,8 +213,28 @@ def check_padding_mode(padding_mode: TypePaddingMode) -> tuple[str, dict[str, An
     raise ValueError(f"padding_mode must be None, a number or a pad mode name, got {padding_mode!r}.")
 
 
+def check_pad_fits(mode: str, geometry: GridGeometry) -> None:
+    """Raise if torch's ``reflect``/``circular`` padding cannot pad this grid's volume.
+
+    Raises:
+        ValueError: a pad at least as large as the axis (``reflect``) or larger (``circular``), naming both.
+    """
+    limit = {"reflect": 0, "circular": 1}.get(mode)
+    if limit is None:
+        return
+    for axis, (size, a, b) in enumerate(zip(geometry.spatial_shape, geometry.pad_before, geometry.pad_after)):
+        if max(a, b) >= size + limit:
+            raise ValueError(
+                f"padding_mode {mode!r} cannot pad axis {axis} of size {size} by ({a}, {b}); use another mode "
+                "(e.g. 'symmetric' or 'edge') or a smaller patch."
+            )
+
+
 def pad_batch(images: torch.Tensor, geometry: GridGeometry, mode: str = "constant", **kwargs: Any) -> torch.Tensor:
     """Pad a ``(B, C, *spatial)`` batch as ``geometry`` says (a no-op returning ``images`` when nothing is padded).
+
+    Raises:
+        ValueError: a ``reflect``/``circular`` pad larger than the axis (see :func:`check_pad_fits`).
 
     Args:
         images: the batch; never modified.
@@ -225,6 +246,7 @@ def pad_batch(images: torch.Tensor, geometry: GridGeometry, mode: str = "constan
     """
     if not geometry.is_padded:
         return images
+    check_pad_fits(mode, geometry)
     b, c = images.shape[:2]
     to_pad = [(0, 0)] + list(zip(geometry.pad_before, geometry.pad_after))
     flat = images.reshape(b * c, *images.shape[2:])
@@ -350,8 +372,8 @@ class GridSampler(PatchSampler):
 
         Raises:
             KeyError: a requested key is missing.
-            ValueError: no image, keys of different spatial shapes, or a patch larger than the image without
-                ``padding_mode``.
+            ValueError: no image, keys of different spatial shapes, a patch larger than the image without
+                ``padding_mode``, or a ``reflect``/``circular`` pad larger than the image.
         """
         d = dict(data)
         self.randomize(d)
@@ -359,6 +381,7 @@ class GridSampler(PatchSampler):
         assert geometry is not None
         if geometry.is_padded and self._pad is not None:
             mode, kwargs = self._pad
+            check_pad_fits(mode, geometry)
             to_pad = [(0, 0)] + list(zip(geometry.pad_before, geometry.pad_after))
             info = self.get_transform_info()
             for key in self._keys:

@@ -10,13 +10,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._shapes import TypeSpatialShape, is_array, plain_tensor
+from .._shapes import TypeSpatialShape, host_array, is_array
 from .base import PatchSampler, valid_region
 from .weighted import draw_from_weights, no_mass_message, row_sums
 
 __all__ = ["LabelSampler", "parse_label_probabilities"]
 
-_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _is_integer(value: torch.Tensor | np.ndarray) -> bool:
+    dtype = value.dtype
+    if isinstance(dtype, torch.dtype):
+        return not dtype.is_floating_point and not dtype.is_complex
+    return np.issubdtype(dtype, np.integer) or dtype == np.bool_
 
 
 def _label_value(key: Any) -> int:
@@ -105,13 +111,13 @@ class LabelSampler(PatchSampler):
         if self.label_name is not None:
             return self.label_name
         for key, value in data.items():
-            if is_array(value) and value.ndim in (3, 4) and plain_tensor(value).dtype in _INT_DTYPES:
+            if is_array(value) and value.ndim in (3, 4) and _is_integer(value):
                 return key
         if "label" in data:
             return "label"
         raise KeyError(f"LabelSampler: label_name=None and no integer-typed image in the data (keys: {list(data)!r}).")
 
-    def _label_masks(self, labels: torch.Tensor) -> list[tuple[Any, float, torch.Tensor]]:
+    def _label_masks(self, labels: np.ndarray) -> list[tuple[Any, float, np.ndarray]]:
         """``(label, probability, mask)`` for each label with a positive probability; masks are bool volumes."""
         one_hot = labels.shape[0] > 1
         if self.label_probabilities is None:
@@ -141,7 +147,7 @@ class LabelSampler(PatchSampler):
         probability.
         """
         key = self.map_key(data)
-        labels = valid_region(plain_tensor(data[key]), patch_size)
+        labels = valid_region(host_array(data[key]), patch_size)
         candidates = []
         for label, p, mask in self._label_masks(labels):
             rows = row_sums(mask)
@@ -160,10 +166,10 @@ class LabelSampler(PatchSampler):
 
     def _absent_message(self, label_map: Any, key: Hashable, patch_size: tuple[int, ...]) -> str:
         """Error text when no wanted label lies on a valid centre: absent altogether, or only near the border."""
-        full = plain_tensor(label_map)
+        full = host_array(label_map)
         what = "no foreground" if self.label_probabilities is None else f"none of the labels {self._wanted()}"
         if not any(bool(mask.any()) for _, _, mask in self._label_masks(full)):
-            present = torch.unique(full[0]).tolist() if full.shape[0] == 1 else f"{full.shape[0]} one-hot channels"
+            present = np.unique(full[0]).tolist() if full.shape[0] == 1 else f"{full.shape[0]} one-hot channels"
             return f"LabelSampler: label map {key!r} holds {what} (it holds {present})."
         return no_mass_message(f"LabelSampler: label map {key!r} has {what}", patch_size)
 

@@ -7,43 +7,38 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
-from .._shapes import TypeSpatialShape, plain_tensor
+from .._shapes import TypeSpatialShape, host_array
 from .base import PatchSampler, valid_region
 
 __all__ = ["WeightedSampler", "row_sums", "draw_from_weights"]
 
 
-def row_sums(weights: torch.Tensor) -> torch.Tensor:
+def row_sums(weights: np.ndarray) -> np.ndarray:
     """Sums of ``weights`` along its last axis, shape ``weights.shape[:-1]``.
 
-    Floating maps sum in their own precision (at least float32; a row is short, so float32 keeps its mass),
-    bool/uint8 maps in int32 and other integers in int64. Allocates only the result, never a converted volume.
+    Floating maps sum in float32 (float64 maps in float64; a row is short, so float32 keeps its mass), bool/uint8
+    maps in int32 and other integers in int64. Allocates only the result, never a converted volume.
     """
-    if weights.dtype == torch.bool:
-        weights = weights.view(torch.uint8)
-    if weights.is_floating_point():
-        return weights.sum(-1, dtype=torch.float64 if weights.dtype == torch.float64 else torch.float32)
-    return weights.sum(-1, dtype=torch.int32 if weights.dtype == torch.uint8 else torch.int64)
-
-
-def _search(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """First index with ``cdf >= u``; ``u`` in ``(0, cdf[-1]]`` never lands on a zero-weight entry."""
-    return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+    if weights.dtype == np.bool_:
+        weights = weights.view(np.uint8)
+    if np.issubdtype(weights.dtype, np.floating):
+        return weights.sum(-1, dtype=np.float64 if weights.dtype == np.float64 else np.float32)
+    return weights.sum(-1, dtype=np.int32 if weights.dtype == np.uint8 else np.int64)
 
 
 def draw_from_weights(
-    weights: torch.Tensor, n: int, rng: np.random.RandomState, rows: torch.Tensor | None = None
+    weights: np.ndarray, n: int, rng: np.random.RandomState, rows: np.ndarray | None = None
 ) -> np.ndarray:
     """Draw ``n`` voxel indices of ``weights`` (any spatial rank >= 2) with probability proportional to the weight.
 
     Hierarchical inverse-CDF: a float64 CDF over the row sums (one number per row along the last axis) picks the
     rows, then a float64 CDF within each picked row picks the voxel. This is one pass over the map plus
-    ``O(rows + n * row_length)``; no full-volume cumulative sum or float64 copy is made.
+    ``O(rows + n * row_length)``; no full-volume cumulative sum or float64 copy is made. A uniform ``u`` in
+    ``(0, total]`` is matched to the first CDF entry ``>= u``, which never lands on a zero weight.
 
     Args:
-        weights: non-negative weights, any real or bool dtype, a view is fine.
+        weights: non-negative weights, any real or bool dtype, a strided view is fine.
         n: how many indices to draw (with replacement).
         rng: the ``numpy.random.RandomState`` that drives the draw (a transform's ``self.R``).
         rows: ``row_sums(weights)`` if the caller already has it.
@@ -56,33 +51,30 @@ def draw_from_weights(
     """
     if rows is None:
         rows = row_sums(weights)
-    cdf = torch.cumsum(rows.reshape(-1), 0, dtype=torch.float64)
+    cdf = np.cumsum(rows.ravel(), dtype=np.float64)
     total = float(cdf[-1])
     if not total > 0:
         raise ValueError("the weights have no positive mass.")
-    u = torch.from_numpy((1.0 - rng.random_sample(n)) * total)
-    flat_rows = _search(cdf, u)
-    row_index = tuple(torch.from_numpy(i) for i in np.unravel_index(flat_rows.numpy(), tuple(weights.shape[:-1])))
+    u = (1.0 - rng.random_sample(n)) * total
+    flat_rows = np.minimum(np.searchsorted(cdf, u, side="left"), cdf.size - 1)
+    row_index = np.unravel_index(flat_rows, weights.shape[:-1])
     picked = weights[row_index]
-    if picked.dtype == torch.bool:
-        picked = picked.view(torch.uint8)
-    within = torch.cumsum(picked, 1, dtype=torch.float64)
-    v = torch.from_numpy(1.0 - rng.random_sample(n)) * within[:, -1]
-    cols = _search(within, v[:, None])[:, 0]
-    return torch.stack([*row_index, cols], 1).numpy().astype(np.int64)
+    within = np.cumsum(picked.view(np.uint8) if picked.dtype == np.bool_ else picked, axis=1, dtype=np.float64)
+    v = (1.0 - rng.random_sample(n)) * within[:, -1]
+    cols = np.minimum((within < v[:, None]).sum(1), weights.shape[-1] - 1)
+    return np.stack([*row_index, cols], 1).astype(np.int64)
 
 
-def _check_weights(weights: torch.Tensor, key: Hashable) -> None:
-    """Reject negative, NaN and infinite weights with one min/max pass (no temporary volume)."""
-    if weights.dtype == torch.bool:
+def _check_weights(weights: np.ndarray, key: Hashable) -> None:
+    """Reject negative, NaN and infinite weights (a min and a max pass; no temporary volume)."""
+    if weights.dtype == np.bool_:
         return
-    lo, hi = torch.aminmax(weights)
-    lo_f, hi_f = float(lo), float(hi)
-    if math.isnan(lo_f) or math.isnan(hi_f):
+    lo, hi = float(weights.min()), float(weights.max())
+    if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"probability map {key!r} contains NaN.")
-    if lo_f < 0:
-        raise ValueError(f"probability map {key!r} has negative values (min {lo_f}); probabilities must be >= 0.")
-    if math.isinf(hi_f):
+    if lo < 0:
+        raise ValueError(f"probability map {key!r} has negative values (min {lo}); probabilities must be >= 0.")
+    if math.isinf(hi):
         raise ValueError(f"probability map {key!r} contains infinite values.")
 
 
@@ -134,7 +126,7 @@ class WeightedSampler(PatchSampler):
         self, data: Mapping[Hashable, Any], spatial_shape: tuple[int, ...], patch_size: tuple[int, ...], n: int
     ) -> np.ndarray:
         """Corners of ``n`` centres drawn from channel 0 of the map. Allocates the row sums, not a volume."""
-        weights = plain_tensor(data[self.probability_map])[0]
+        weights = host_array(data[self.probability_map])[0]
         _check_weights(weights, self.probability_map)
         try:
             return draw_from_weights(valid_region(weights, patch_size), n, self.R)
