@@ -59,6 +59,10 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             croppers return it: collation (``list_data_collate``) then makes the one copy. The sampler never writes
             to its input either way, but an in-place edit of a view reaches the input: pass ``copy=True`` when patches
             are edited in place or kept while the volume should be freed.
+        allow_smaller: MONAI's option: on an axis where the image is smaller than the patch, the patch takes the
+            image's size instead of raising.
+        fill_non_positive: MONAI's ``spatial_size`` convention: a value <= 0 takes the image's size on that axis
+            (set by the samplers when MONAI's ``roi_size``/``spatial_size`` is given).
 
     Raises:
         TypeError, ValueError: on a bad ``patch_size`` or ``num_samples``.
@@ -68,18 +72,25 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
 
     def __init__(
         self,
-        patch_size: TypeSpatialShape,
+        patch_size: TypeSpatialShape | None,
         *,
         keys: KeysCollection | None = None,
         num_samples: int | None = None,
         allow_missing_keys: bool = False,
         lazy: bool = False,
         copy: bool = False,
+        allow_smaller: bool = False,
+        fill_non_positive: bool = False,
     ) -> None:
-        resolve_patch_size(patch_size, len(patch_size) if isinstance(patch_size, Sequence) else 3)
+        if patch_size is None:
+            raise TypeError(f"{type(self).__name__}: patch_size is required.")
+        self.fill_non_positive = bool(fill_non_positive)
+        checked = _fill_spec(patch_size, None) if self.fill_non_positive else patch_size
+        resolve_patch_size(checked, len(checked) if isinstance(checked, Sequence) else 3)
         if isinstance(patch_size, Sequence) and len(patch_size) not in (2, 3):
             raise ValueError(f"patch_size must be an int or 2 or 3 ints, got {tuple(patch_size)!r}.")
         self._patch_size = patch_size
+        self.allow_smaller = bool(allow_smaller)
         self.keys: tuple[Hashable, ...] | None = None if keys is None else ensure_tuple(keys)
         if self.keys is not None and not self.keys:
             raise ValueError("keys must be None or non-empty.")
@@ -108,6 +119,10 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
     ) -> np.ndarray:
         """Draw ``n`` patch corners (``(n, ndim)`` int64, each in ``[0, spatial_shape - patch_size]``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement draw_corners().")
+
+    def consumed_keys(self) -> tuple[Hashable, ...]:
+        """Keys the draw reads that are not copied to the patches (e.g. MONAI's index lists)."""
+        return ()
 
     # -- MONAI transform protocol ---------------------------------------------------------------------------------
     def randomize(self, data: Mapping[Hashable, Any]) -> None:
@@ -162,7 +177,8 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             key: translated_affines(src.affine, corners) if isinstance(src, MetaTensor) else None
             for key, src in sources.items()
         }
-        others = {k: v for k, v in data.items() if k not in keys}
+        dropped = set(keys) | set(self.consumed_keys())
+        others = {k: v for k, v in data.items() if k not in dropped}
         centres = corners + np.asarray(size, dtype=np.int64) // 2
         patches = []
         for index, corner in enumerate(corners.tolist()):
@@ -232,7 +248,10 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         return keys
 
     def _fit_patch_size(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        size = resolve_patch_size(self._patch_size, len(shape))
+        spec = _fill_spec(self._patch_size, shape) if self.fill_non_positive else self._patch_size
+        size = resolve_patch_size(spec, len(shape))
+        if self.allow_smaller:
+            size = tuple(min(p, s) for p, s in zip(size, shape))
         if any(p > s for p, s in zip(size, shape)):
             raise ValueError(
                 f"{type(self).__name__}: patch_size {size} is larger than the image's spatial shape {shape}; "
@@ -244,6 +263,18 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         """Seed ``self.R`` (as every MONAI ``Randomizable``); returns ``self``."""
         super().set_random_state(seed=seed, state=state)
         return self
+
+
+def _fill_spec(spec: TypeSpatialShape, shape: tuple[int, ...] | None) -> TypeSpatialShape:
+    """Replace values <= 0 of a patch-size spec by the image's size (by 1 when ``shape`` is None, to validate)."""
+    if isinstance(spec, Sequence) or is_array(spec):
+        values = list(np.asarray(spec).ravel())
+        return [
+            (shape[i] if shape is not None and i < len(shape) else 1) if v <= 0 else v for i, v in enumerate(values)
+        ]
+    if spec <= 0:
+        return [1] * 3 if shape is None else list(shape)
+    return spec
 
 
 def valid_region(img: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:

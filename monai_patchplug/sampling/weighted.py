@@ -10,6 +10,7 @@ import numpy as np
 
 from .._shapes import TypeSpatialShape, host_array
 from .base import PatchSampler, valid_region
+from .monai_args import monai_num_samples, pick, size_and_fill
 
 __all__ = ["WeightedSampler", "row_sums", "draw_from_weights"]
 
@@ -100,17 +101,33 @@ class WeightedSampler(PatchSampler):
     Args:
         patch_size: as :class:`~monai_patchplug.PatchSampler`.
         probability_map: key of the map in the data dict (cropped like the images when ``keys=None``).
-        keys, num_samples, allow_missing_keys, lazy: as :class:`~monai_patchplug.PatchSampler`.
+        spatial_size: MONAI's name for ``patch_size`` (``RandWeightedCropd``); values <= 0 take the image size.
+        w_key: MONAI's name for ``probability_map``.
+        kwargs: ``keys``, ``num_samples``, ``allow_missing_keys``, ``lazy``, ``copy``, ``allow_smaller``, as
+            :class:`~monai_patchplug.PatchSampler`. With MONAI's arguments, ``num_samples`` defaults to 1 (a list).
 
     Raises:
+        TypeError: no map key.
         ValueError: at call time, for a map with negative, NaN or infinite values, or without mass on valid centres.
         KeyError: at call time, if the map key is missing.
     """
 
-    def __init__(self, patch_size: TypeSpatialShape, probability_map: Hashable, **kwargs: Any) -> None:
-        super().__init__(patch_size, **kwargs)
+    def __init__(
+        self,
+        patch_size: TypeSpatialShape | None = None,
+        probability_map: Hashable | None = None,
+        *,
+        spatial_size: TypeSpatialShape | None = None,
+        w_key: Hashable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        size, fill = size_and_fill(patch_size, "spatial_size", spatial_size)
+        monai = spatial_size is not None or w_key is not None
+        kwargs["num_samples"] = monai_num_samples(kwargs.get("num_samples"), monai)
+        super().__init__(size, fill_non_positive=fill, **kwargs)
+        probability_map = pick("probability_map", probability_map, "w_key", w_key)
         if probability_map is None:
-            raise TypeError("probability_map must name the key of the probability map, got None.")
+            raise TypeError("probability_map (or MONAI's w_key) must name the key of the probability map.")
         self.probability_map = probability_map
 
     @property
