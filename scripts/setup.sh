@@ -8,3 +8,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".${1:+[$1]}"
+if [ "${1:-}" = test ]; then
+  # The tutorials' real data: the MNI152 template inside the nilearn wheel (its own dependencies are not needed).
+  python -m pip install -q --no-deps "nilearn>=0.10"
+fi
