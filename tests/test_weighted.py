@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import box_slices
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import monai_patchplug as mpp
 from monai_patchplug.sampling.weighted import draw_from_weights
@@ -100,3 +103,24 @@ def test_missing_map_key(subject):
         mpp.WeightedSampler(4, "weights")(subject)
     with pytest.raises(TypeError, match="probability_map"):
         mpp.WeightedSampler(4, None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(2, 10), min_size=2, max_size=3),
+    frac=st.floats(0.1, 1.0),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([np.float32, np.float64, np.uint8, np.int16]),
+)
+def test_weighted_centres_hit_positive_weights_and_content_matches(shape, frac, seed, dtype):
+    rng = np.random.RandomState(seed)
+    size = [max(1, int(s * frac)) for s in shape]
+    prob = (rng.rand(1, *shape) > 0.6).astype(dtype) * rng.randint(1, 5, size=(1, *shape)).astype(dtype)
+    prob[(0, *[s // 2 for s in shape])] = 1  # a valid centre for every patch size
+    image = rng.rand(2, *shape).astype(np.float32)
+    patches = mpp.WeightedSampler(size, "p", num_samples=4).set_random_state(seed)({"p": prob, "img": image})
+    for patch in patches:
+        loc = patch[mpp.LOCATION].numpy()
+        centre = loc[: len(shape)] + np.asarray(size) // 2
+        assert prob[(0, *centre)] > 0
+        assert np.array_equal(np.asarray(patch["img"]), image[box_slices(torch.from_numpy(loc))])
