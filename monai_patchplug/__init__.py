@@ -1,7 +1,9 @@
 """monai_patchplug: TorchIO-style patch sampling and grid aggregation for MONAI."""
 
 from ._shapes import LOCATION, get_batch_images_and_size, parse_spatial_shape
-from .sampling import LabelSampler, PatchSampler, UniformSampler, WeightedSampler
+from .inference import GridAggregator, GridInferer
+from .queue import PatchQueue
+from .sampling import GridSampler, LabelSampler, PatchSampler, UniformSampler, WeightedSampler
 
 __version__ = "0.1.0"
 
@@ -13,4 +15,8 @@ __all__ = [
     "UniformSampler",
     "WeightedSampler",
     "LabelSampler",
+    "GridSampler",
+    "GridAggregator",
+    "GridInferer",
+    "PatchQueue",
 ]

@@ -5,7 +5,7 @@
 # probability maps, which ship inside the `nilearn` wheel (`pip install --no-deps nilearn`). A 4-class tissue
 # label map is made by thresholding the maps. We compare the three random samplers, check that `LabelSampler`
 # delivers the requested label frequencies, feed patches through a MONAI `DataLoader` and a `PatchQueue`, and
-# train for a few iterations.
+# train for a few iterations on the queue's batches.
 #
 # This file is a percent-format script: run it with `python tutorials/01_patch_training.py`, or open it as a
 # notebook with jupytext. The test suite runs it with `MPP_TUTORIAL_FAST=1` (4x smaller volume).
@@ -94,9 +94,29 @@ batch = next(iter(loader))
 print("batch image", tuple(batch["image"].shape), "locations", tuple(batch[mpp.LOCATION].shape))
 
 # %% [markdown]
+# ## PatchQueue: batches that mix volumes
+# With many volumes, a `PatchQueue` loads, transforms and samples in the DataLoader's workers and shuffles the
+# patches of several volumes in a bounded buffer, so each batch mixes subjects. Here four "volumes" (the template
+# and its left-right mirror, twice) give 8 patches each per epoch.
+
+# %%
+volumes = [subject, {k: v.flip(1) for k, v in subject.items()}] * 2
+queue = mpp.PatchQueue(
+    volumes,
+    max_length=16,
+    samples_per_volume=8,
+    sampler=mpp.LabelSampler(P, "label", requested, keys=["image", "label"]),
+    shuffle=True,
+    seed=0,
+)
+queue_loader = DataLoader(queue, batch_size=4, num_workers=0 if FAST else 2)
+queue.set_epoch(0)
+print(f"{len(queue)} patches per epoch;", sum(len(b["image"]) for b in queue_loader), "delivered")
+
+# %% [markdown]
 # ## Training a small UNet
-# A few iterations of Dice + cross-entropy on label-sampled patches: enough to see the loss fall. The weights
-# are saved for the inference tutorial.
+# A few iterations of Dice + cross-entropy on the queue's label-sampled patches: enough to see the loss fall.
+# The weights are saved for the inference tutorial.
 
 # %%
 model = small_unet()
@@ -106,7 +126,8 @@ iterations = 3 if FAST else 60
 losses = []
 step = 0
 while step < iterations:
-    for batch in loader:
+    queue.set_epoch(step)
+    for batch in queue_loader:
         optimizer.zero_grad()
         loss = loss_fn(model(batch["image"].as_tensor()), batch["label"].long().as_tensor())
         loss.backward()

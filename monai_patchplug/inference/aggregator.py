@@ -1,0 +1,326 @@
+"""GridAggregator: put the network's patch outputs back into one volume.
+
+The work is split in two: :class:`BlendPlan` is everything that depends only on the grid and the network's output
+patch shape (scaled corners, crop ownership, windows, per-axis normalisers) and knows how to add a batch of patches
+into an output tensor and to normalise it in place; :class:`GridAggregator` adds the user-facing state (the sampler
+it reads the grid from, the accumulator, which patches were seen) and the checks. :class:`~monai_patchplug.GridInferer`
+drives a :class:`BlendPlan` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from ..sampling.grid import GridGeometry, GridSampler, crop_boundaries
+from .windows import WINDOWS, grid_normaliser, outer_window
+
+__all__ = ["GridAggregator", "BlendPlan", "OVERLAP_MODES", "accumulator_dtype", "check_overlap_mode"]
+
+#: The overlap modes: ``crop`` (each voxel from the patch whose centre is nearest), and the blending modes.
+OVERLAP_MODES = ("crop", *WINDOWS)
+
+_NORMALISE_CHUNK = 1 << 20  # elements of the temporary weight slab used while normalising
+
+
+def check_overlap_mode(overlap_mode: str) -> str:
+    """``overlap_mode`` if it is one of :data:`OVERLAP_MODES`.
+
+    Raises:
+        ValueError: an unknown mode, naming it and the known ones.
+    """
+    if overlap_mode not in OVERLAP_MODES:
+        raise ValueError(f"overlap_mode must be one of {OVERLAP_MODES}, got {overlap_mode!r}.")
+    return overlap_mode
+
+
+def accumulator_dtype(overlap_mode: str, dtype: torch.dtype) -> torch.dtype:
+    """dtype in which outputs of ``dtype`` are aggregated.
+
+    ``crop`` copies values and keeps ``dtype``. The blending modes accumulate weighted sums: in float64 for float64
+    and for integers wider than 16 bits (float32 would round them), else in float32 (never in half precision or an
+    integer type, which would overflow or round).
+    """
+    if overlap_mode == "crop":
+        return dtype
+    if dtype == torch.float64 or (not dtype.is_floating_point and dtype != torch.bool and torch.iinfo(dtype).bits > 16):
+        return torch.float64
+    return torch.float32
+
+
+class BlendPlan:
+    """How the patches of one grid, as output by a network, go back into one output volume.
+
+    A network output patch of spatial shape ``Q`` for an input patch ``P`` is scaled by ``Q / P`` per axis: a patch at
+    input corner ``c`` lands at output corner ``c * Q // P`` (exact when the product is a multiple of ``P``), in an
+    output volume of ``S * Q // P`` voxels, where ``S`` is the unpadded input size; the padding is cropped away.
+
+    Args:
+        geometry: the grid.
+        overlap_mode: one of :data:`OVERLAP_MODES`.
+        out_patch: spatial shape of one output patch.
+        device: where the windows and normalisers live (the accumulator's device).
+        dtype: the accumulator's dtype (:func:`accumulator_dtype`), which the patch weight takes.
+
+    Raises:
+        ValueError: an unknown mode, or an ``out_patch`` of another rank than the grid.
+
+    Allocates per-axis 1-D tensors and, for ``hann``, one patch-sized weight.
+    """
+
+    def __init__(
+        self,
+        geometry: GridGeometry,
+        overlap_mode: str,
+        out_patch: Sequence[int],
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.overlap_mode = check_overlap_mode(overlap_mode)
+        if len(out_patch) != len(geometry.patch_size):
+            raise ValueError(f"output patch shape {tuple(out_patch)} does not fit the grid's {geometry.patch_size}.")
+        self.out_patch = tuple(int(q) for q in out_patch)
+        self.crop = overlap_mode == "crop"
+        scale = list(zip(self.out_patch, geometry.patch_size))
+        #: per axis, the output start of each patch in padded output coordinates
+        self.starts = [[c * q // p for c in corners] for corners, (q, p) in zip(geometry.corners, scale)]
+        padded = [s * q // p for s, (q, p) in zip(geometry.padded_shape, scale)]
+        #: where the unpadded volume begins in padded output coordinates
+        self.offset = [b * q // p for b, (q, p) in zip(geometry.pad_before, scale)]
+        #: spatial shape of the output volume
+        self.out_shape = tuple(s * q // p for s, (q, p) in zip(geometry.spatial_shape, scale))
+        if min(self.out_shape) < 1:
+            raise ValueError(f"output patches of shape {self.out_patch} scale the volume to {self.out_shape}.")
+        self.weight: torch.Tensor | None = None
+        self.inv_norms: list[torch.Tensor] = []
+        if self.crop:
+            self.owned = [
+                self._ownership(corners, p, q, off, n)
+                for corners, (q, p), off, n in zip(geometry.corners, scale, self.offset, self.out_shape)
+            ]
+        else:
+            windows = [WINDOWS[overlap_mode](q, dtype=dtype, device=device) for q in self.out_patch]
+            if overlap_mode != "average":
+                self.weight = outer_window(windows)
+            for w, starts, length, off, n in zip(windows, self.starts, padded, self.offset, self.out_shape):
+                self.inv_norms.append(grid_normaliser(w, starts, length)[off : off + n].reciprocal_())
+
+    @staticmethod
+    def _ownership(corners: Sequence[int], p: int, q: int, offset: int, n: int) -> list[tuple[int, int]]:
+        """Per patch on one axis, the ``[lo, hi)`` output range it owns in ``crop`` mode (unpadded coordinates)."""
+        cuts = [0] + [b * q // p - offset for b in crop_boundaries(corners, p)] + [n]
+        return [(min(max(lo, 0), n), min(max(hi, 0), n)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+
+    def add(self, out: torch.Tensor, patches: torch.Tensor, grid_index: Sequence[Sequence[int]]) -> None:
+        """Add (blend modes) or copy (``crop``) ``patches`` into ``out`` in place.
+
+        Args:
+            out: ``(..., *out_shape)`` accumulator, of :func:`accumulator_dtype` (not yet normalised).
+            patches: ``(n, ..., *out_patch)`` on ``out``'s device, in its dtype.
+            grid_index: ``n`` rows of per-axis patch indices into the grid's corners.
+
+        Allocates nothing (one patch-sized temporary in ``crop`` mode only when the dtypes differ).
+        """
+        for patch, index in zip(patches, grid_index):
+            dst, src = [], []
+            for axis, j in enumerate(index):
+                n, q, off = self.out_shape[axis], self.out_patch[axis], self.offset[axis]
+                start = self.starts[axis][j] - off
+                lo, hi = self.owned[axis][j] if self.crop else (start, start + q)
+                lo, hi = max(lo, 0), min(hi, n)
+                if lo >= hi:
+                    break
+                dst.append(slice(lo, hi))
+                src.append(slice(lo - start, hi - start))
+            else:
+                target = out[(..., *dst)]
+                values = patch[(..., *src)]
+                if self.crop:
+                    target.copy_(values)
+                elif self.weight is None:
+                    target.add_(values)
+                else:
+                    target.addcmul_(values, self.weight[tuple(src)])
+
+    def normalise_(self, out: torch.Tensor) -> torch.Tensor:
+        """Divide ``out`` (``(..., *out_shape)``) in place by the summed weights; a no-op in ``crop`` mode.
+
+        The divisor is the outer product of the per-axis normalisers, built one slab of the first spatial axis at
+        a time, so the temporary holds at most about a million weights. Returns ``out``.
+        """
+        if self.crop:
+            return out
+        first, rest = self.inv_norms[0], self.inv_norms[1:]
+        plane = outer_window(rest) if rest else first.new_ones(())
+        step = max(1, _NORMALISE_CHUNK // max(plane.numel(), 1))
+        for i in range(0, first.shape[0], step):
+            slab = (first[i : i + step].reshape(-1, *([1] * len(rest))) * plane).to(out.dtype)
+            out[(..., slice(i, i + step), *([slice(None)] * len(rest)))].mul_(slab)
+        return out
+
+
+class GridAggregator:
+    """Aggregate the network's outputs for the patches of a :class:`~monai_patchplug.GridSampler`.
+
+    Made from the sampler before any subject: at the first :meth:`add_batch` it reads the grid of the sampler's last
+    call (or :meth:`~monai_patchplug.GridSampler.plan`), and every later batch must belong to that grid.
+    Every patch of the grid must be added exactly once.
+
+    ``crop``: every output voxel comes from the one patch whose centre is nearest along each axis, in the network's
+    output dtype. ``average`` (equal weights) and ``hann`` (separable Hann window, strictly positive at the edges)
+    accumulate weighted sums in float32 (float64 for float64 or wide integer outputs) and divide once by a separable
+    normaliser, so no weight or count map is ever allocated: the memory is the output volume alone.
+    The network may change the channel count and scale patches by a per-axis factor (see :class:`BlendPlan`).
+
+    Args:
+        sampler: the grid sampler whose patches are aggregated.
+        overlap_mode: ``"crop"``, ``"average"`` or ``"hann"``.
+        device: where the output is accumulated; ``None``: the device of the first batch.
+
+    Raises:
+        ValueError: an unknown ``overlap_mode``.
+
+    Example::
+
+        aggregator = GridAggregator(sampler, overlap_mode="hann")
+        for patch in sampler(subject):
+            aggregator.add_batch(model(patch["t1"][None]), patch[LOCATION][None])
+        output = aggregator.get_output_tensor()
+    """
+
+    def __init__(
+        self, sampler: GridSampler, overlap_mode: str = "crop", *, device: torch.device | str | None = None
+    ) -> None:
+        self.sampler = sampler
+        self.overlap_mode = check_overlap_mode(overlap_mode)
+        self.device = None if device is None else torch.device(device)
+        self._geometry: GridGeometry | None = None
+        self._plan: BlendPlan | None = None
+        self._output: torch.Tensor | None = None
+        self._seen: torch.Tensor | None = None
+        self._normalised = False
+
+    def _grid(self) -> GridGeometry:
+        geometry = self.sampler.geometry
+        if geometry is None:
+            raise RuntimeError(
+                "GridAggregator.add_batch: the sampler has not laid a grid yet; call it on the subject first "
+                "(or sampler.plan(spatial_shape) where the sampler runs in DataLoader workers)."
+            )
+        if self._geometry is None:
+            self._geometry = geometry
+        elif geometry != self._geometry:
+            raise ValueError(
+                "GridAggregator: mixing subjects of different shapes: this aggregator holds a grid over spatial "
+                f"shape {self._geometry.spatial_shape} but the sampler's last call was on {geometry.spatial_shape}; "
+                "use one aggregator per subject."
+            )
+        return self._geometry
+
+    def _grid_index(self, geometry: GridGeometry, locations: torch.Tensor) -> torch.Tensor:
+        """Per-axis corner indices (``(n, ndim)`` int64) of ``locations``, checked against the grid."""
+        ndim = len(geometry.patch_size)
+        starts, ends = locations[:, :ndim], locations[:, ndim:]
+        size = torch.as_tensor(geometry.patch_size)
+        padded = torch.as_tensor(geometry.padded_shape)
+        outside = ((starts < 0) | (ends > padded)).any(1)
+        if outside.any():
+            row = int(outside.nonzero()[0])
+            raise ValueError(
+                f"GridAggregator: location {locations[row].tolist()} is outside the volume of spatial shape "
+                f"{geometry.padded_shape} (padded grid coordinates)."
+            )
+        wrong = (ends - starts != size).any(1)
+        if wrong.any():
+            row = int(wrong.nonzero()[0])
+            raise ValueError(
+                f"GridAggregator: location {locations[row].tolist()} is not a box of the sampler's patch size "
+                f"{geometry.patch_size}."
+            )
+        columns = []
+        for axis, corners in enumerate(geometry.corners):
+            grid = torch.as_tensor(corners)
+            j = torch.searchsorted(grid, starts[:, axis].contiguous()).clamp_(max=len(corners) - 1)
+            off = grid[j] != starts[:, axis]
+            if off.any():
+                row = int(off.nonzero()[0])
+                raise ValueError(
+                    f"GridAggregator: location {locations[row].tolist()} is not on the sampler's grid "
+                    f"(corners along axis {axis}: {list(corners)})."
+                )
+            columns.append(j)
+        return torch.stack(columns, 1)
+
+    def add_batch(self, batch_tensor: torch.Tensor, batch_locations: torch.Tensor | np.ndarray) -> None:
+        """Add the network's outputs for a batch of grid patches.
+
+        Args:
+            batch_tensor: ``(n, C, *spatial)`` outputs; ``C`` and the spatial shape are fixed by the first batch.
+            batch_locations: ``(n, 2 * ndim)`` patch boxes, as the patches' ``LOCATION`` collated.
+
+        Allocates one converted copy of the batch when it is not already in the accumulator's dtype and device,
+        and, at the first call, the output volume.
+
+        Raises:
+            RuntimeError: the sampler has laid no grid yet, or :meth:`get_output_tensor` was already called.
+            ValueError: a batch whose shape does not match its locations or earlier batches, locations outside the
+                volume or off the grid, a patch added twice, or a grid from a subject of another shape.
+        """
+        if self._normalised:
+            raise RuntimeError("GridAggregator.add_batch after get_output_tensor(); use a new aggregator.")
+        geometry = self._grid()
+        ndim = len(geometry.patch_size)
+        batch = batch_tensor.as_tensor() if isinstance(batch_tensor, MetaTensor) else torch.as_tensor(batch_tensor)
+        locations = torch.as_tensor(batch_locations).detach().to("cpu", torch.int64)
+        if locations.ndim == 1:
+            locations = locations[None]
+        if batch.ndim != ndim + 2 or locations.shape != (batch.shape[0], 2 * ndim):
+            raise ValueError(
+                f"GridAggregator: batch of shape {tuple(batch.shape)} does not match locations of shape "
+                f"{tuple(locations.shape)}: expected (n, C, {', '.join('*' * ndim)}) and (n, {2 * ndim})."
+            )
+        index = self._grid_index(geometry, locations)
+        if self._plan is None:
+            dtype = accumulator_dtype(self.overlap_mode, batch.dtype)
+            device = self.device or batch.device
+            self._plan = BlendPlan(geometry, self.overlap_mode, batch.shape[2:], device, dtype)
+            self._output = torch.zeros(batch.shape[1], *self._plan.out_shape, dtype=dtype, device=device)
+            self._seen = torch.zeros(geometry.grid_shape, dtype=torch.bool)
+        assert self._output is not None and self._seen is not None
+        if batch.shape[1:] != (self._output.shape[0], *self._plan.out_patch):
+            raise ValueError(
+                f"GridAggregator: batch of patch shape {tuple(batch.shape[1:])} does not match the earlier batches' "
+                f"{(self._output.shape[0], *self._plan.out_patch)}."
+            )
+        seen = self._seen[tuple(index.T)]
+        if seen.any() or len(torch.unique(index, dim=0)) < len(index):
+            rows = locations[seen] if seen.any() else locations
+            raise ValueError(f"GridAggregator: a patch was added twice (locations {rows.tolist()}).")
+        self._seen[tuple(index.T)] = True
+        batch = batch.detach().to(device=self._output.device, dtype=self._output.dtype)
+        self._plan.add(self._output, batch, index.tolist())
+
+    def get_output_tensor(self) -> torch.Tensor:
+        """The aggregated volume ``(C_out, *spatial)`` over the unpadded input (scaled if the network scales).
+
+        Normalises the accumulator in place on the first call (no copy); later calls return the same tensor.
+
+        Raises:
+            RuntimeError: no batch was added.
+            ValueError: some patches of the grid were never added (the separable normaliser needs all of them).
+        """
+        if self._output is None or self._plan is None or self._seen is None:
+            raise RuntimeError("GridAggregator.get_output_tensor: no batch was added.")
+        if not self._normalised:
+            missing = int((~self._seen).sum())
+            if missing:
+                raise ValueError(
+                    f"GridAggregator: {missing} of {self._seen.numel()} grid patches were never added; every patch "
+                    "of the grid must be added once."
+                )
+            self._plan.normalise_(self._output)
+            self._normalised = True
+        return self._output

@@ -1,0 +1,347 @@
+"""PatchQueue: patch-based training that loads, transforms and samples in the DataLoader's workers.
+
+Each epoch a permutation of the volumes (the same on every rank and worker: it depends on ``seed`` and the epoch
+only) is dealt to the ranks, then to the workers of each rank. A worker loads its volumes one after the other,
+samples their patches and keeps them in a shuffle buffer of at most ``max_length`` patches, from which it yields
+random patches, so the batches it collates mix several volumes. Every patch's randomness (transform and sampler)
+is seeded from ``(seed, epoch, position of the volume in the epoch)``, so the patches of an epoch do not depend on
+the number of workers or ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from copy import deepcopy
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset, MetaTensor
+from monai.data.utils import set_rnd
+from monai.transforms import Compose
+from monai.utils import ImageMetaKey, MetaKeys
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ._shapes import LOCATION
+from .sampling.base import PatchSampler
+from .sampling.grid import GridSampler
+
+__all__ = ["PatchQueue"]
+
+Patch = dict[Hashable, Any]
+
+#: Metadata a patch keeps by default: geometry, source file and the patch's own entries (enough for ``SaveImaged`` and
+#: ``Invertd``, whose record is ``applied_operations``, kept apart from the meta dict).
+DEFAULT_META_KEYS = (
+    MetaKeys.AFFINE,
+    MetaKeys.ORIGINAL_AFFINE,
+    MetaKeys.SPATIAL_SHAPE,
+    MetaKeys.SPACE,
+    MetaKeys.ORIGINAL_CHANNEL_DIM,
+    ImageMetaKey.FILENAME_OR_OBJ,
+    "patch_index",
+    "crop_center",
+    LOCATION,
+)
+
+
+def _count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"PatchQueue: {name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: the explicit pair, else torch.distributed's if initialised, else ``(0, 1)``."""
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"PatchQueue: give both rank and world_size or neither (got {rank!r}, {world_size!r}).")
+    if rank is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    world_size = _count(world_size, "world_size", 1)
+    rank = _count(rank, "rank", 0)
+    if rank >= world_size:
+        raise ValueError(f"PatchQueue: rank must be in [0, world_size), got rank={rank}, world_size={world_size}.")
+    return rank, world_size
+
+
+class PatchQueue(IterableDataset):
+    """An iterable dataset of patches for ``monai.data.DataLoader``: loading, transforms and sampling in its workers.
+
+    Each epoch visits every volume once (per rank, see ``even_divisible``) and yields ``samples_per_volume``
+    patches from it, or the volume's own ``num_samples_key`` entry. A worker keeps the patches in a buffer of at most
+    ``max_length`` patches and yields random ones (``shuffle=True``), so a batch mixes the volumes in its worker's
+    buffer; ``shuffle=False`` yields the volumes in index order and each volume's patches in the order drawn.
+
+    Example::
+
+        queue = PatchQueue(files, 64, 8, LabelSampler(96, "label", {0: 1, 1: 2}), transform=load, seed=0)
+        loader = monai.data.DataLoader(queue, batch_size=4, num_workers=4)
+        for epoch in range(epochs):
+            queue.set_epoch(epoch)
+            for batch in loader:
+                ...
+
+    Memory: each worker holds at most ``max_length`` patches (buffer and the patches being sampled together, the
+    patches being contiguous copies, never views of a volume) plus the one volume it is sampling; the DataLoader adds
+    ``prefetch_factor`` collated batches per worker. An entry of the volume's dict that is an array but not cropped by
+    the sampler (not in its ``keys``) is shared by the volume's patches and stays alive with them.
+
+    Ranks: the epoch's permutation is dealt round-robin. With ``even_divisible=False`` (default) the ranks partition
+    the volumes exactly (no duplicate, no loss) and their epochs differ by at most one volume when the number of
+    volumes does not divide evenly; ``even_divisible=True`` repeats the first volumes of the permutation so every
+    rank visits the same number of volumes (as ``torch.utils.data.DistributedSampler`` pads). Per-volume patch counts
+    that differ make the ranks' patch counts differ either way. Ranks whose epochs differ in length make DDP's
+    collective calls wait for each other at the end: train with ``even_divisible=True`` (or a number of volumes that
+    ``world_size`` divides), validate with the exact partition.
+
+    Workers: each of the DataLoader's workers takes every ``num_workers``-th volume of its rank's share and collates
+    its own batches, so an epoch may end with one partial batch per worker (all patches are still delivered, unless
+    the loader has ``drop_last=True``).
+
+    Metadata: every tensor of a batch crosses from a worker to the main process through its own shared-memory file, so
+    the dozens of reader entries a ``MetaTensor`` carries (a NIfTI header's fields, each collated to a tensor) cost
+    more than the patches themselves; by default patches keep only ``DEFAULT_META_KEYS`` (``meta_keys=None`` keeps
+    all).
+
+    Args:
+        data: a sequence of items (typically dicts of file names) that ``transform`` loads, or any map-style dataset
+            (e.g. a ``monai.data.CacheDataset`` holding the deterministic part of the pipeline), whose items
+            ``transform`` (if given) continues. Each item must end up a dict of channel-first arrays.
+        max_length: the most patches a worker holds. Larger values mix more volumes per batch; any value works with
+            any ``samples_per_volume`` (a volume with more patches is sampled in chunks of ``max_length``).
+        samples_per_volume: patches per volume and epoch, unless the volume's item holds ``num_samples_key``.
+        sampler: a random :class:`~monai_patchplug.PatchSampler` (uniform, weighted, label). It is deep-copied and
+            set to make eager ``copy=True`` patches; its ``num_samples`` is set per call.
+        transform: applied to each item in the worker (a MONAI ``Compose`` of ``LoadImaged``..., any callable, or a
+            sequence of callables, composed).
+        shuffle: shuffle the volumes each epoch and yield random patches of the buffer; ``False``: index order.
+        seed: seeds the volume permutation, the transforms, the sampler and the buffer: the same seed and epoch give
+            the same patches in the same order for the same number of workers (and the same patches for any number
+            of workers). ``None``: the permutation uses seed 0 (identical on every rank, like ``DistributedSampler``),
+            everything else fresh randomness from torch's generator (reproducible under
+            ``monai.utils.set_determinism``).
+        cache: build a ``monai.data.CacheDataset`` of ``data`` and ``transform`` (at construction, in this process),
+            so the transform's deterministic prefix runs once and the rest runs per epoch in the workers. ``data``
+            must then be a sequence; to tune the cache, pass your own ``CacheDataset`` as ``data`` instead.
+        even_divisible: pad the epoch with repeated volumes so every rank visits the same number of volumes.
+        rank, world_size: this process's rank and the number of ranks; both or neither. Neither: read from
+            ``torch.distributed`` at construction when it is initialised, else a single rank.
+        num_samples_key: key of an item that overrides ``samples_per_volume`` for that volume (an int >= 0; 0 skips
+            the volume); ``None`` disables overrides. Read from ``data`` (or a dataset's ``data`` attribute) at
+            construction, so ``len`` is known without loading.
+        meta_keys: the entries of each ``MetaTensor``'s meta dict that patches keep; ``None``: all of them.
+
+    Raises:
+        ValueError: empty ``data``, a count that is not a positive int, a bad override, an invalid rank, or
+            ``cache=True`` with a dataset as ``data``.
+        TypeError: ``sampler`` is not a random PatchSampler.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Any] | Dataset,
+        max_length: int,
+        samples_per_volume: int,
+        sampler: PatchSampler,
+        *,
+        transform: Callable[[Any], Any] | Sequence[Callable[[Any], Any]] | None = None,
+        shuffle: bool = True,
+        seed: int | None = None,
+        cache: bool = False,
+        even_divisible: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_samples_key: Hashable | None = "num_samples",
+        meta_keys: Sequence[str] | None = DEFAULT_META_KEYS,
+    ) -> None:
+        if not isinstance(sampler, PatchSampler) or isinstance(sampler, GridSampler):
+            raise TypeError(
+                "PatchQueue: sampler must be a random PatchSampler (UniformSampler, WeightedSampler, LabelSampler), "
+                f"got {type(sampler).__name__}."
+            )
+        if len(data) == 0:
+            raise ValueError("PatchQueue: data is empty; give at least one volume.")
+        self.max_length = _count(max_length, "max_length", 1)
+        self.samples_per_volume = _count(samples_per_volume, "samples_per_volume", 1)
+        self.seed = None if seed is None else _count(seed, "seed", 0)
+        self.shuffle = bool(shuffle)
+        self.even_divisible = bool(even_divisible)
+        self.rank, self.world_size = _resolve_ranks(rank, world_size)
+        self.sampler = deepcopy(sampler)
+        self.sampler.copy, self.sampler.lazy = True, False  # buffered patches must not keep their volume alive
+        self.num_samples_key = num_samples_key
+        self.meta_keys = None if meta_keys is None else tuple(meta_keys)
+        if cache:
+            if isinstance(data, Dataset):
+                raise ValueError("PatchQueue: cache=True needs a sequence as data; a dataset caches on its own.")
+            data, transform = CacheDataset(data, transform, progress=False), None
+        self.data = data
+        self.transform = Compose(transform) if transform is not None and not callable(transform) else transform
+        self.counts = np.asarray([self._volume_count(i) for i in range(len(data))], dtype=np.int64)
+        # shared memory, so set_epoch reaches persistent workers too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    # -- epochs and partition --------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The epoch set by :meth:`set_epoch` (0 at first)."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` from the next iteration on; call it before each epoch, on every rank.
+
+        As with ``DistributedSampler.set_epoch``, without it every epoch repeats epoch 0's volume order (and, with a
+        ``seed``, its patches). The value lives in shared memory, so workers started earlier
+        (``persistent_workers=True``) see it.
+
+        Raises:
+            ValueError: ``epoch`` is not an int >= 0.
+        """
+        self._epoch.fill_(_count(epoch, "epoch", 0))
+
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """The volume indices of an epoch, all ranks together; rank ``r`` visits ``order[r::world_size]``.
+
+        Args:
+            epoch: the epoch; ``None`` for the current one.
+
+        Returns:
+            An int64 array: a permutation of the volume indices (``shuffle=True``, seeded by ``seed`` or 0 and the
+            epoch), else ``0..n-1``; with ``even_divisible``, extended by its first entries to a multiple of
+            ``world_size``.
+        """
+        n = len(self.data)
+        epoch = self.epoch if epoch is None else epoch
+        order = np.random.default_rng([self.seed or 0, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.even_divisible:
+            order = np.resize(order, math.ceil(n / self.world_size) * self.world_size)
+        return order.astype(np.int64)
+
+    def __len__(self) -> int:
+        """Patches this rank yields in the current epoch, all workers together."""
+        return int(self.counts[self.epoch_order()[self.rank :: self.world_size]].sum())
+
+    # -- iteration -------------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Patch]:
+        """Yield this worker's patches of the current epoch.
+
+        Loads one volume at a time (applying ``transform``), samples its patches into the buffer and yields patches
+        from the buffer whenever the next volume's patches would not fit; empties the buffer at the end.
+
+        Yields:
+            Patch dicts as the sampler makes them (copies, with ``LOCATION`` and the volume's other entries).
+
+        Raises:
+            RuntimeError: loading, transforming or sampling a volume failed; the message names the volume's index and
+                its file names, and the original error is chained.
+            TypeError: the transform did not return a dict.
+        """
+        epoch = self.epoch
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        entropy = self.seed if self.seed is not None else int(torch.randint(2**62, ()))
+        rng = np.random.default_rng([entropy, epoch, self.rank, worker]) if self.shuffle else None
+        order = self.epoch_order(epoch)
+        positions = range(self.rank, len(order), self.world_size)[worker::num_workers]
+        buffer: list[Patch] = []
+        for position in positions:
+            index = int(order[position])
+            remaining = int(self.counts[index])
+            if remaining == 0:
+                continue
+            transform_seed, sampler_seed = np.random.SeedSequence([entropy, epoch, position]).generate_state(2)
+            volume = None
+            while remaining:
+                chunk = min(remaining, self.max_length)
+                while len(buffer) > self.max_length - chunk:
+                    yield _pop(buffer, rng)
+                if volume is None:  # loaded once room is made, so the yielded patches can go first
+                    volume = self._load(index, int(transform_seed))
+                    self.sampler.set_random_state(seed=int(sampler_seed))
+                buffer.extend(self._sample(volume, index, chunk))
+                remaining -= chunk
+            del volume
+        while buffer:
+            yield _pop(buffer, rng)
+
+    def _load(self, index: int, seed: int) -> Mapping[Hashable, Any]:
+        """Item ``index`` of ``data`` through ``transform``, their random parts seeded with ``seed``."""
+        try:
+            dataset_transform = getattr(self.data, "transform", None)
+            if isinstance(self.data, Dataset) and dataset_transform is not None:
+                set_rnd(dataset_transform, seed)
+            item = self.data[index]
+            if self.transform is not None:
+                set_rnd(self.transform, seed + 1)
+                item = self.transform(item)
+        except Exception as err:
+            raise RuntimeError(
+                f"PatchQueue: loading volume {index} ({self._describe(index)}) failed: {type(err).__name__}: {err}"
+            ) from err
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"PatchQueue: volume {index} ({self._describe(index)}) must become a dict of arrays, got "
+                f"{type(item).__name__}; leave multi-sample crops out of the transform (the sampler draws the patches)."
+            )
+        return item
+
+    def _sample(self, volume: Mapping[Hashable, Any], index: int, n: int) -> list[Patch]:
+        """``n`` patches of ``volume`` from the sampler (independent copies), their meta cut to ``meta_keys``."""
+        self.sampler.num_samples = n
+        try:
+            patches = self.sampler(volume)
+        except Exception as err:
+            raise RuntimeError(
+                f"PatchQueue: sampling volume {index} ({self._describe(index)}) failed: {type(err).__name__}: {err}"
+            ) from err
+        if self.meta_keys is not None:
+            for patch in patches:
+                for value in patch.values():
+                    if isinstance(value, MetaTensor):
+                        value.meta = {k: value.meta[k] for k in self.meta_keys if k in value.meta}
+        return patches
+
+    # -- volumes -------------------------------------------------------------------------------------------------------
+    def _raw_item(self, index: int) -> Any:
+        """The undecoded item ``index``: from ``data``, or a dataset's ``data`` sequence; ``None`` if unknown."""
+        if not isinstance(self.data, Dataset):
+            return self.data[index]
+        source = getattr(self.data, "data", None)
+        if isinstance(source, Sequence) and len(source) == len(self.data):
+            return source[index]
+        return None
+
+    def _describe(self, index: int) -> str:
+        """Text naming volume ``index`` for messages: its file names (string and path entries), else its index."""
+        item = self._raw_item(index)
+        if isinstance(item, (str, os.PathLike)):
+            return os.fspath(item)
+        if isinstance(item, Mapping):
+            files = {k: os.fspath(v) for k, v in item.items() if isinstance(v, (str, os.PathLike))}
+            if files:
+                return ", ".join(f"{k}={v}" for k, v in files.items())
+        return f"item {index} of the data"
+
+    def _volume_count(self, index: int) -> int:
+        item = self._raw_item(index)
+        if self.num_samples_key is None or not isinstance(item, Mapping) or self.num_samples_key not in item:
+            return self.samples_per_volume
+        try:
+            return _count(item[self.num_samples_key], repr(self.num_samples_key), 0)
+        except ValueError as err:
+            raise ValueError(f"{err} (volume {index}: {self._describe(index)})") from None
+
+
+def _pop(buffer: list[Patch], rng: np.random.Generator | None) -> Patch:
+    """Remove and return a random patch of ``buffer`` (O(1)), or its oldest one when ``rng`` is None."""
+    if rng is None:
+        return buffer.pop(0)
+    i = int(rng.integers(len(buffer)))
+    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+    return buffer.pop()
