@@ -26,6 +26,16 @@ OVERLAP_MODES = ("crop", *WINDOWS)
 _NORMALISE_CHUNK = 1 << 20  # elements of the temporary weight slab used while normalising
 
 
+def zeros_volume(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """A zero-filled accumulator. On the CPU it comes from ``numpy.zeros`` (calloc): the kernel hands out zeroed
+    pages on first touch, which the accumulation does anyway, instead of ``torch.zeros`` writing the whole volume
+    up front (a third of the run time of a cheap network on 2 cores). Allocates the volume."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu" and dtype != torch.bfloat16:
+        return torch.from_numpy(np.zeros(tuple(shape), dtype=torch.empty((), dtype=dtype).numpy().dtype))
+    return torch.zeros(tuple(shape), dtype=dtype, device=device)
+
+
 def check_overlap_mode(overlap_mode: str) -> str:
     """``overlap_mode`` if it is one of :data:`OVERLAP_MODES`.
 
@@ -287,7 +297,7 @@ class GridAggregator:
             dtype = accumulator_dtype(self.overlap_mode, batch.dtype)
             device = self.device or batch.device
             self._plan = BlendPlan(geometry, self.overlap_mode, batch.shape[2:], device, dtype)
-            self._output = torch.zeros(batch.shape[1], *self._plan.out_shape, dtype=dtype, device=device)
+            self._output = zeros_volume((batch.shape[1], *self._plan.out_shape), dtype, device)
             self._seen = torch.zeros(geometry.grid_shape, dtype=torch.bool)
         assert self._output is not None and self._seen is not None
         if batch.shape[1:] != (self._output.shape[0], *self._plan.out_patch):

@@ -27,7 +27,7 @@ from ..sampling.grid import (
     pad_batch,
     resolve_overlap,
 )
-from .aggregator import BlendPlan, accumulator_dtype, check_overlap_mode
+from .aggregator import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -176,7 +176,7 @@ class GridInferer(Inferer):
                     dtype = accumulator_dtype(self.overlap_mode, out.dtype)
                     plan = BlendPlan(geometry, self.overlap_mode, out.shape[2:], device, dtype)
                     plans.append(plan)
-                    volumes.append(torch.zeros(n_items, out.shape[1], *plan.out_shape, dtype=dtype, device=device))
+                    volumes.append(zeros_volume((n_items, out.shape[1], *plan.out_shape), dtype, device))
             elif len(outputs) != len(plans):
                 raise ValueError(f"GridInferer: the network returned {len(outputs)} outputs, earlier {len(plans)}.")
             for out, plan, volume in zip(outputs, plans, volumes):
