@@ -75,6 +75,18 @@ def resolve_patch_size(patch_size: TypeSpatialShape, spatial_ndim: int) -> tuple
     raise ValueError(f"patch_size {tuple(patch_size)!r} does not fit an image with {spatial_ndim} spatial dimensions.")
 
 
+def fill_patch_size(spec: TypeSpatialShape, shape: tuple[int, ...] | None) -> TypeSpatialShape:
+    """Replace values <= 0 of a patch-size spec by the image's size (by 1 when ``shape`` is None, to validate)."""
+    if isinstance(spec, Sequence) or is_array(spec):
+        values = list(np.asarray(spec).ravel())
+        return [
+            (shape[i] if shape is not None and i < len(shape) else 1) if v <= 0 else v for i, v in enumerate(values)
+        ]
+    if spec <= 0:
+        return [1] * 3 if shape is None else list(shape)
+    return spec
+
+
 def is_array(value: Any) -> bool:
     """Whether ``value`` is a torch tensor or a numpy array."""
     return isinstance(value, torch.Tensor | np.ndarray)

@@ -11,6 +11,8 @@ import torch
 from conftest import make_label_map
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import UNet
 from monai.transforms import ClassesToIndicesd, FgBgToIndicesd
 from test_weighted import assert_frequencies
 
@@ -171,3 +173,116 @@ def test_bundle_style_pipeline_with_swapped_sampler(tmp_path):
     patches = pipeline.set_random_state(0)({"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")})
     assert len(patches) == 4 and all(p["image"].shape == (1, 8, 8, 8) for p in patches)
     assert all(p["image"].applied_operations[-1]["class"] == "LabelSampler" for p in patches)
+
+
+# -- GridInferer in place of SlidingWindowInferer -------------------------------------------------------------------
+
+
+def small_unet(dims: int):
+    torch.manual_seed(0)
+    return UNet(dims, 1, 2, (4, 8), (2,), num_res_units=0).eval()
+
+
+@pytest.mark.parametrize("dims, shape", [(3, (1, 1, 37, 30, 26)), (2, (2, 1, 45, 38))])
+@pytest.mark.parametrize("overlap", [0.25, 0.5])
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_grid_inferer_gives_sliding_window_inferer_output(dims, shape, overlap, mode):
+    config = {"_target_": "SlidingWindowInferer", "roi_size": [16] * dims, "sw_batch_size": 3, "overlap": overlap,
+              "mode": mode, "sigma_scale": 0.125, "padding_mode": "constant", "cval": 0.0, "progress": False,
+              "cache_roi_weight_map": True, "buffer_steps": None}
+    theirs, ours = swap(config, "monai_patchplug.GridInferer")
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    net = small_unet(dims)
+    calls = {"ours": 0, "theirs": 0}
+
+    def counting(name):
+        def run(patches):
+            calls[name] += 1
+            return net(patches)
+        return run
+
+    with torch.no_grad():
+        expected, got = theirs(x, counting("theirs")), ours(x, counting("ours"))
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)  # float32 rounding of the blending only
+    assert calls["ours"] <= calls["theirs"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"roi_size": [16, 16, 16], "overlap": 0.25, "mode": "gaussian", "padding_mode": "constant", "cval": 0.5},
+    {"roi_size": [16, -1, 8], "overlap": 0.5},
+    {"roi_size": 12, "overlap": [0.5, 0.25, 0.0], "padding_mode": "replicate"},
+])
+def test_grid_inferer_padding_and_roi_fallback_as_monai(kwargs):
+    x = torch.rand(1, 1, 10, 20, 12, generator=torch.Generator().manual_seed(2))
+    net = small_unet(3)
+    with torch.no_grad():
+        expected = SlidingWindowInferer(**kwargs)(x, net)
+        got = mpp.GridInferer(**kwargs)(x, net)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"roi_size": 8, "with_coord": True}, ValueError, "with_coord"),
+    ({"roi_size": 8, "mode": "hann"}, ValueError, "mode"),
+    ({"roi_size": 8, "overlap": 1.0}, ValueError, "fraction"),
+    ({"patch_size": 8, "roi_size": 6}, ValueError, "not both"),
+    ({"roi_size": 8, "patch_overlap": 2, "overlap": 0.5}, ValueError, "not both"),
+    ({"overlap_mode": "hann", "roi_size": 8, "mode": "constant"}, ValueError, "not both"),
+    ({"sw_batch_size": 4}, TypeError, "roi_size"),
+])
+def test_grid_inferer_rejects_conflicting_monai_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mpp.GridInferer(**kwargs)
+
+
+def test_bundle_evaluator_with_swapped_inferer_and_invertd(tmp_path):
+    """A MONAI evaluation config (load, orient, resample, scale, evaluator with Invertd) with only the inferer's
+    ``_target_`` changed gives the same predictions as with SlidingWindowInferer."""
+    pytest.importorskip("ignite")
+    affine = np.diag([1.2, 0.9, 2.0, 1.0])
+    label = make_label_map(SHAPE)[0].numpy()
+    image = (label.astype(np.float32) * 300 + np.random.RandomState(0).normal(0, 20, SHAPE)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "i.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "l.nii.gz")
+    config = {
+        "device": "cpu",
+        "network": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                    "channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": ["image", "label"], "image_only": True},
+            {"_target_": "EnsureChannelFirstd", "keys": ["image", "label"]},
+            {"_target_": "Orientationd", "keys": ["image", "label"], "axcodes": "RAS", "labels": None},
+            {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [1.5, 1.5, 2.0],
+             "mode": ["bilinear", "nearest"]},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -100, "a_max": 1000, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+            {"_target_": "EnsureTyped", "keys": ["image", "label"]},
+        ]},
+        "dataset": {"_target_": "Dataset", "data": [{"image": str(tmp_path / "i.nii.gz"),
+                                                      "label": str(tmp_path / "l.nii.gz")}],
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "num_workers": 0},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16], "sw_batch_size": 2,
+                    "overlap": 0.5, "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+        ]},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing"},
+    }
+
+    def predictions(target: str) -> torch.Tensor:
+        parser = ConfigParser(copy.deepcopy(config))
+        parser["inferer#_target_"] = target
+        torch.manual_seed(0)
+        evaluator = parser.get_parsed_content("evaluator")
+        evaluator.network.eval()
+        evaluator.run()
+        return evaluator.state.output[0]["pred"]
+
+    expected, got = predictions("SlidingWindowInferer"), predictions("monai_patchplug.GridInferer")
+    assert got.shape == expected.shape == (2, *SHAPE)  # Invertd put the prediction back on the original grid
+    assert torch.allclose(got.as_tensor(), expected.as_tensor(), atol=1e-5)
+    assert torch.allclose(got.affine, expected.affine)

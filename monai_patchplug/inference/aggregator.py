@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 
 from ..sampling.grid import GridGeometry, GridSampler, crop_boundaries
-from .windows import WINDOWS, grid_normaliser, outer_window
+from .windows import WINDOWS, axis_windows, grid_normaliser, outer_window
 
 __all__ = ["GridAggregator", "BlendPlan", "OVERLAP_MODES", "accumulator_dtype", "check_overlap_mode"]
 
@@ -74,11 +74,13 @@ class BlendPlan:
         out_patch: spatial shape of one output patch.
         device: where the windows and normalisers live (the accumulator's device).
         dtype: the accumulator's dtype (:func:`accumulator_dtype`), which the patch weight takes.
+        sigma_scale: the ``gaussian`` window's standard deviation as a fraction of the patch size (one value or
+            one per axis), as MONAI's ``sigma_scale``.
 
     Raises:
         ValueError: an unknown mode, or an ``out_patch`` of another rank than the grid.
 
-    Allocates per-axis 1-D tensors and, for ``hann``, one patch-sized weight.
+    Allocates per-axis 1-D tensors and, for ``hann`` and ``gaussian``, one patch-sized weight.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class BlendPlan:
         out_patch: Sequence[int],
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        sigma_scale: float | Sequence[float] = 0.125,
     ) -> None:
         self.overlap_mode = check_overlap_mode(overlap_mode)
         if len(out_patch) != len(geometry.patch_size):
@@ -106,17 +109,34 @@ class BlendPlan:
             raise ValueError(f"output patches of shape {self.out_patch} scale the volume to {self.out_shape}.")
         self.weight: torch.Tensor | None = None
         self.inv_norms: list[torch.Tensor] = []
+        #: the summed weights' reciprocal as one volume, for the one window that is not separable (``gaussian``)
+        self.inv_norm_volume: torch.Tensor | None = None
         if self.crop:
             self.owned = [
                 self._ownership(corners, p, q, off, n)
                 for corners, (q, p), off, n in zip(geometry.corners, scale, self.offset, self.out_shape)
             ]
         else:
-            windows = [WINDOWS[overlap_mode](q, dtype=dtype, device=device) for q in self.out_patch]
+            windows = axis_windows(overlap_mode, self.out_patch, sigma_scale, dtype=dtype, device=device)
             if overlap_mode != "average":
                 self.weight = outer_window(windows)
-            for w, starts, length, off, n in zip(windows, self.starts, padded, self.offset, self.out_shape):
-                self.inv_norms.append(grid_normaliser(w, starts, length)[off : off + n].reciprocal_())
+            if overlap_mode == "gaussian":
+                self._gaussian_normaliser(geometry, dtype, device)
+            else:
+                for w, starts, length, off, n in zip(windows, self.starts, padded, self.offset, self.out_shape):
+                    self.inv_norms.append(grid_normaliser(w, starts, length)[off : off + n].reciprocal_())
+
+    def _gaussian_normaliser(self, geometry: GridGeometry, dtype: torch.dtype, device: torch.device | None) -> None:
+        """MONAI's importance map floors the product of the axis windows as a whole (at ``max(min, 1e-3)``), which is
+        what lets MONAI's outputs be reproduced, but makes the summed weights non-separable: they are summed over
+        the grid into one single-channel volume (MONAI keeps the same count map). Allocates that volume."""
+        assert self.weight is not None
+        self.weight.clamp_(min=max(float(self.weight.min()), 1e-3))
+        norm = zeros_volume((1, *self.out_shape), dtype, device)
+        ones = torch.ones((), dtype=dtype, device=norm.device).expand(1, 1, *self.out_patch)
+        for index in np.ndindex(*geometry.grid_shape):
+            self.add(norm, ones, [index])
+        self.inv_norm_volume = norm.reciprocal_()
 
     @staticmethod
     def _ownership(corners: Sequence[int], p: int, q: int, offset: int, n: int) -> list[tuple[int, int]]:
@@ -124,26 +144,40 @@ class BlendPlan:
         cuts = [0] + [b * q // p - offset for b in crop_boundaries(corners, p)] + [n]
         return [(min(max(lo, 0), n), min(max(hi, 0), n)) for lo, hi in zip(cuts[:-1], cuts[1:])]
 
-    def add(self, out: torch.Tensor, patches: torch.Tensor, grid_index: Sequence[Sequence[int]]) -> None:
+    def row_range(self, j: int) -> tuple[int, int]:
+        """Output rows ``[lo, hi)`` of the first spatial axis that patches of grid row ``j`` write (maybe empty)."""
+        start = self.starts[0][j] - self.offset[0]
+        lo, hi = self.owned[0][j] if self.crop else (start, start + self.out_patch[0])
+        return max(lo, 0), min(hi, self.out_shape[0])
+
+    def add(
+        self, out: torch.Tensor, patches: torch.Tensor, grid_index: Sequence[Sequence[int]], *, base: int = 0
+    ) -> None:
         """Add (blend modes) or copy (``crop``) ``patches`` into ``out`` in place.
 
         Args:
-            out: ``(..., *out_shape)`` accumulator, of :func:`accumulator_dtype` (not yet normalised).
+            out: ``(..., *out_shape)`` accumulator, of :func:`accumulator_dtype` (not yet normalised); or, with
+                ``base``, a slab ``(..., rows, *out_shape[1:])`` holding output rows ``[base, base + rows)`` of the
+                first spatial axis (the parts of the patches outside the slab are left out).
             patches: ``(n, ..., *out_patch)`` on ``out``'s device, in its dtype.
             grid_index: ``n`` rows of per-axis patch indices into the grid's corners.
+            base: the output row where ``out`` begins along the first spatial axis.
 
         Allocates nothing (one patch-sized temporary in ``crop`` mode only when the dtypes differ).
         """
+        ndim = len(self.out_shape)
+        top = base + out.shape[out.ndim - ndim]
         for patch, index in zip(patches, grid_index):
             dst, src = [], []
             for axis, j in enumerate(index):
                 n, q, off = self.out_shape[axis], self.out_patch[axis], self.offset[axis]
                 start = self.starts[axis][j] - off
                 lo, hi = self.owned[axis][j] if self.crop else (start, start + q)
-                lo, hi = max(lo, 0), min(hi, n)
+                first = base if axis == 0 else 0
+                lo, hi = max(lo, first), min(hi, top if axis == 0 else n)
                 if lo >= hi:
                     break
-                dst.append(slice(lo, hi))
+                dst.append(slice(lo - first, hi - first))
                 src.append(slice(lo - start, hi - start))
             else:
                 target = out[(..., *dst)]
@@ -155,15 +189,20 @@ class BlendPlan:
                 else:
                     target.addcmul_(values, self.weight[tuple(src)])
 
-    def normalise_(self, out: torch.Tensor) -> torch.Tensor:
+    def normalise_(self, out: torch.Tensor, *, base: int = 0) -> torch.Tensor:
         """Divide ``out`` (``(..., *out_shape)``) in place by the summed weights; a no-op in ``crop`` mode.
 
-        The divisor is the outer product of the per-axis normalisers, built one slab of the first spatial axis at
-        a time, so the temporary holds at most about a million weights. Returns ``out``.
+        With ``base``, ``out`` is a slab holding output rows ``[base, base + rows)`` of the first spatial axis (see
+        :meth:`add`). The divisor is the outer product of the per-axis normalisers, built one slab of the first
+        spatial axis at a time, so the temporary holds at most about a million weights (``gaussian``: the summed
+        weights' volume instead). Returns ``out``.
         """
         if self.crop:
             return out
-        first, rest = self.inv_norms[0], self.inv_norms[1:]
+        rows = out.shape[out.ndim - len(self.out_shape)]
+        if self.inv_norm_volume is not None:
+            return out.mul_(self.inv_norm_volume[:, base : base + rows].to(out.dtype))
+        first, rest = self.inv_norms[0][base : base + rows], self.inv_norms[1:]
         plane = outer_window(rest) if rest else first.new_ones(())
         step = max(1, _NORMALISE_CHUNK // max(plane.numel(), 1))
         for i in range(0, first.shape[0], step):
@@ -180,7 +219,8 @@ class GridAggregator:
     Every patch of the grid must be added exactly once.
 
     ``crop``: every output voxel comes from the one patch whose centre is nearest along each axis, in the network's
-    output dtype. ``average`` (equal weights) and ``hann`` (separable Hann window, strictly positive at the edges)
+    output dtype. ``average`` (equal weights), ``hann`` (separable Hann window, strictly positive at the edges) and
+    ``gaussian`` (MONAI's importance map)
     accumulate weighted sums in float32 (float64 for float64 or wide integer outputs) and divide once by a separable
     normaliser, so no weight or count map is ever allocated: the memory is the output volume alone.
     The network may change the channel count and scale patches by a per-axis factor (see :class:`BlendPlan`).
@@ -189,6 +229,8 @@ class GridAggregator:
         sampler: the grid sampler whose patches are aggregated.
         overlap_mode: ``"crop"``, ``"average"`` or ``"hann"``.
         device: where the output is accumulated; ``None``: the device of the first batch.
+        sigma_scale: for ``overlap_mode="gaussian"`` (MONAI's importance map, separable, floored at 1e-3 of its
+            peak per axis), the standard deviation as a fraction of the patch size.
 
     Raises:
         ValueError: an unknown ``overlap_mode``.
@@ -202,10 +244,16 @@ class GridAggregator:
     """
 
     def __init__(
-        self, sampler: GridSampler, overlap_mode: str = "crop", *, device: torch.device | str | None = None
+        self,
+        sampler: GridSampler,
+        overlap_mode: str = "crop",
+        *,
+        device: torch.device | str | None = None,
+        sigma_scale: float | Sequence[float] = 0.125,
     ) -> None:
         self.sampler = sampler
         self.overlap_mode = check_overlap_mode(overlap_mode)
+        self.sigma_scale = sigma_scale
         self.device = None if device is None else torch.device(device)
         self._geometry: GridGeometry | None = None
         self._plan: BlendPlan | None = None
@@ -296,7 +344,7 @@ class GridAggregator:
         if self._plan is None:
             dtype = accumulator_dtype(self.overlap_mode, batch.dtype)
             device = self.device or batch.device
-            self._plan = BlendPlan(geometry, self.overlap_mode, batch.shape[2:], device, dtype)
+            self._plan = BlendPlan(geometry, self.overlap_mode, batch.shape[2:], device, dtype, self.sigma_scale)
             self._output = zeros_volume((batch.shape[1], *self._plan.out_shape), dtype, device)
             self._seen = torch.zeros(geometry.grid_shape, dtype=torch.bool)
         assert self._output is not None and self._seen is not None

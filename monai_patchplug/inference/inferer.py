@@ -8,6 +8,7 @@ float32 accumulation, one batch of patches in flight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,17 +18,17 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import optional_import
 
-from .._shapes import TypeSpatialShape, resolve_patch_size
+from .._shapes import TypeSpatialShape, fill_patch_size, resolve_patch_size
 from ..sampling.grid import (
     GridGeometry,
     TypePaddingMode,
-    check_overlap_fits,
-    check_padding_mode,
     make_grid,
     pad_batch,
     resolve_overlap,
 )
 from .aggregator import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
+from .monai_args import overlap_from_fraction, sliding_window_settings
+from .scale_out import scale_out_call
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -62,18 +63,55 @@ class GridInferer(Inferer):
 
     Args:
         patch_size: an int or one int per spatial dim.
-        patch_overlap: an int or one int per spatial dim, ``0 <= overlap < patch_size``.
-        overlap_mode: ``"hann"``, ``"average"`` or ``"crop"``.
-        batch_size: patches per network call (patches of consecutive batch items share calls).
+        patch_overlap: an int or one int per spatial dim, ``0 <= overlap < patch_size`` (default 0).
+        overlap_mode: ``"hann"`` (default), ``"average"``, ``"gaussian"`` (MONAI's importance map) or ``"crop"``.
+        batch_size: patches per network call (patches of consecutive batch items share calls; default 1).
         padding_mode: ``None``: no padding except for inputs smaller than the patch, which are zero-padded up to it;
             a numpy/torch pad mode name or a number (constant): pad every side by ``overlap // 2`` too, so border
             voxels are blended like the others. The padding is cropped away from the output.
         device: where the output is accumulated; ``None``: the input's device.
         sw_device: where the network runs; ``None``: the input's device.
         progress: show a progress bar over the network calls (needs ``tqdm``).
+        roi_size, sw_batch_size, overlap, mode, sigma_scale, cval, cpu_thresh: ``SlidingWindowInferer``'s arguments
+            with MONAI's meaning, so that swapping only a config's ``_target_`` gives MONAI's output. Any of
+            ``roi_size``, ``sw_batch_size``, ``overlap`` (a fraction, or one per dim) or ``mode`` (``"constant"`` =
+            ``average``, ``"gaussian"``) switches to MONAI's defaults: overlap 0.25, ``mode="constant"``, and
+            ``padding_mode`` (default ``"constant"`` with ``cval``) pads only inputs smaller than the window.
+            ``roi_size`` values <= 0 take the input's size.
+        cache_roi_weight_map, buffer_steps, buffer_dim: MONAI's speed/memory knobs; accepted, no effect (they do not
+            change MONAI's results, and this inferer keeps no weight map to cache or buffer).
+        with_coord: MONAI's option to pass window coordinates to the network; only ``False`` is supported.
+        output: stream the result into this destination instead of returning a new volume: a torch tensor, a
+            ``numpy.memmap`` or any array supporting slice assignment, of shape ``(B, C', *spatial_out)``. Slabs of
+            the first spatial axis are normalised, passed through ``postprocess`` and written as soon as no later
+            patch touches them, so only about one row of patches' output (``C`` x ``patch[0]`` x the other axes) is
+            held; the call returns ``output``. The network must return one tensor; not with ``distributed``.
+        postprocess: applied to each finished, normalised ``(C, rows, *spatial_out[1:])`` slab (any split of the
+            first axis, so it must work row by row), e.g. ``lambda x: x.argmax(0, keepdim=True).to(torch.uint8)``;
+            its ``(C', rows, ...)`` result is what is written. Without ``output``, a new ``(B, C', ...)`` volume of
+            its dtype is returned (the float volume never exists). Its dtype must cast to ``output``'s without
+            changing kind (float into an integer output is an error; integers are range-checked).
+        roi_mask: run only the patches whose box holds a nonzero voxel of this mask: a tensor/array of shape
+            ``spatial``, ``(1, *spatial)`` or ``(B, 1, *spatial)``, or the name of a keyword argument of the call
+            that holds it (``inferer(image, net, mask=m)`` with ``roi_mask="mask"``; it is not passed to the
+            network). A skipped patch counts as a network output of ``fill_value`` everywhere: where only skipped
+            patches reach, the output is ``fill_value`` (``crop``: exactly; blending: up to float rounding), and
+            inside the mask the output equals the full run's exactly, since every patch covering a mask voxel holds
+            it and is run. Near the mask, outside it, run and skipped patches blend.
+        fill_value: the value of skipped patches (before ``postprocess``).
+        distributed: shard the grid over the default ``torch.distributed`` process group (initialised by the caller,
+            NCCL on GPUs, gloo on CPUs, with a ``timeout``): each rank runs a contiguous, balanced share of the
+            patches to run, the accumulators are summed (``all_reduce``), and every rank returns the single-process
+            result. Every rank must call with the same input shape and mask (checked: ``ValueError`` otherwise).
+        process_group: shard over this group instead (implies ``distributed``).
+        dst: with sharding, sum onto this (global) rank only (``reduce``); the other ranks return ``None``.
+
+    ``gaussian`` floors the product of the axis windows as MONAI does, so its summed weights are not separable and
+    one single-channel weight volume is kept (as MONAI's count map); the other modes keep none.
 
     Raises:
-        TypeError, ValueError: bad sizes, overlap, mode, batch size or padding mode.
+        TypeError, ValueError: bad sizes, overlap, mode, batch size or padding mode, one setting given under our
+            name and MONAI's with different values, or ``with_coord=True``.
 
     Example::
 
@@ -84,28 +122,65 @@ class GridInferer(Inferer):
 
     def __init__(
         self,
-        patch_size: TypeSpatialShape,
-        patch_overlap: TypeSpatialShape = 0,
-        overlap_mode: str = "hann",
-        batch_size: int = 1,
+        patch_size: TypeSpatialShape | None = None,
+        patch_overlap: TypeSpatialShape | None = None,
+        overlap_mode: str | None = None,
+        batch_size: int | None = None,
         padding_mode: TypePaddingMode = None,
         device: torch.device | str | None = None,
         sw_device: torch.device | str | None = None,
         progress: bool = False,
+        *,
+        roi_size: TypeSpatialShape | None = None,
+        sw_batch_size: int | None = None,
+        overlap: float | Sequence[float] | None = None,
+        mode: str | None = None,
+        sigma_scale: float | Sequence[float] = 0.125,
+        cval: float = 0.0,
+        cache_roi_weight_map: bool = False,
+        cpu_thresh: int | None = None,
+        buffer_steps: int | None = None,
+        buffer_dim: int = -1,
+        with_coord: bool = False,
+        output: Any = None,
+        postprocess: Callable[[torch.Tensor], Any] | None = None,
+        roi_mask: Any = None,
+        fill_value: float = 0.0,
+        distributed: bool = False,
+        process_group: Any = None,
+        dst: int | None = None,
     ) -> None:
         super().__init__()
-        check_overlap_fits(patch_size, patch_overlap)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-        self.patch_size = patch_size
-        self.patch_overlap = patch_overlap
-        self.overlap_mode = check_overlap_mode(overlap_mode)
-        self.batch_size = int(batch_size)
+        self.settings = sliding_window_settings(
+            patch_size,
+            patch_overlap,
+            overlap_mode,
+            batch_size,
+            padding_mode,
+            roi_size=roi_size,
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=sigma_scale,
+            cval=cval,
+            cpu_thresh=cpu_thresh,
+            with_coord=with_coord,
+        )
+        self.patch_size = self.settings.patch_size
+        self.patch_overlap = self.settings.patch_overlap
+        self.overlap_mode = check_overlap_mode(self.settings.overlap_mode)
+        self.batch_size = self.settings.batch_size
         self.padding_mode = padding_mode
-        self._pad = check_padding_mode(padding_mode)
         self.device = device
         self.sw_device = sw_device
         self.progress = progress
+        self.cache_roi_weight_map, self.buffer_steps, self.buffer_dim = cache_roi_weight_map, buffer_steps, buffer_dim
+        if postprocess is not None and not callable(postprocess):
+            raise TypeError(f"postprocess must be callable, got {type(postprocess).__name__}.")
+        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int | np.integer) or dst < 0):
+            raise ValueError(f"dst must be None or a rank (a non-negative int), got {dst!r}.")
+        self.output, self.postprocess, self.roi_mask, self.fill_value = output, postprocess, roi_mask, float(fill_value)
+        self.distributed, self.process_group, self.dst = bool(distributed), process_group, dst
 
     def geometry(self, spatial_shape: Sequence[int]) -> GridGeometry:
         """The grid this inferer lays over inputs of ``spatial_shape`` (small tuples only).
@@ -113,9 +188,15 @@ class GridInferer(Inferer):
         Raises:
             ValueError: a patch size or overlap that does not fit the input's rank.
         """
-        size = resolve_patch_size(self.patch_size, len(spatial_shape))
-        overlap = resolve_overlap(self.patch_overlap, size)
-        return make_grid(spatial_shape, size, overlap, pad_border=self._pad is not None)
+        spatial_shape = tuple(int(s) for s in spatial_shape)
+        spec = fill_patch_size(self.patch_size, spatial_shape) if self.settings.fill_non_positive else self.patch_size
+        size = resolve_patch_size(spec, len(spatial_shape))
+        if self.settings.overlap_fraction is not None:
+            padded = [max(s, p) for s, p in zip(spatial_shape, size)]
+            overlap = overlap_from_fraction(self.settings.overlap_fraction, size, padded)
+        else:
+            overlap = resolve_overlap(self.patch_overlap, size)
+        return make_grid(spatial_shape, size, overlap, pad_border=self.settings.pad_border)
 
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., TypeNetworkOutput], *args: Any, **kwargs: Any
@@ -138,11 +219,15 @@ class GridInferer(Inferer):
                 dimensions do not fit the patches.
             TypeError: a network output that is not a tensor, a tuple/list or a dict of tensors.
         """
+        if any(v is not None for v in (self.output, self.postprocess, self.roi_mask, self.process_group)) or (
+            self.distributed
+        ):
+            return scale_out_call(self, inputs, network, args, kwargs)
         if inputs.ndim not in (4, 5):
             raise ValueError(f"GridInferer: inputs must be (B, C, H, W[, D]), got shape {tuple(inputs.shape)}.")
         spatial = tuple(int(s) for s in inputs.shape[2:])
         geometry = self.geometry(spatial)
-        mode, pad_kwargs = self._pad if self._pad is not None else ("constant", {})
+        mode, pad_kwargs = self.settings.pad if self.settings.pad is not None else ("constant", {})
         images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         padded = pad_batch(images, geometry, mode, **pad_kwargs)
         corners = geometry.corner_array().tolist()
@@ -150,6 +235,8 @@ class GridInferer(Inferer):
         boxes = [tuple(slice(c, c + p) for c, p in zip(corner, geometry.patch_size)) for corner in corners]
         sw_device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device
         device = torch.device(self.device) if self.device is not None else inputs.device
+        if self.settings.cpu_thresh is not None and math.prod(spatial) > self.settings.cpu_thresh:
+            device = torch.device("cpu")  # MONAI's cpu_thresh: stitch large inputs on the CPU
         n_items, n_patches = inputs.shape[0], geometry.num_patches
         total = n_items * n_patches
 
@@ -174,7 +261,8 @@ class GridInferer(Inferer):
                 for out in outputs:
                     self._check_output(out, window)
                     dtype = accumulator_dtype(self.overlap_mode, out.dtype)
-                    plan = BlendPlan(geometry, self.overlap_mode, out.shape[2:], device, dtype)
+                    sigma = self.settings.sigma_scale
+                    plan = BlendPlan(geometry, self.overlap_mode, out.shape[2:], device, dtype, sigma)
                     plans.append(plan)
                     volumes.append(zeros_volume((n_items, out.shape[1], *plan.out_shape), dtype, device))
             elif len(outputs) != len(plans):

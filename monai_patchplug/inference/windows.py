@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["constant_window", "hann_window", "gaussian_window", "outer_window", "grid_normaliser"]
@@ -62,7 +63,36 @@ def gaussian_window(
 
 
 #: The 1-D window of each blending overlap mode.
-WINDOWS: dict[str, Callable[..., torch.Tensor]] = {"average": constant_window, "hann": hann_window}
+WINDOWS: dict[str, Callable[..., torch.Tensor]] = {
+    "average": constant_window,
+    "hann": hann_window,
+    "gaussian": gaussian_window,
+}
+
+
+def axis_windows(
+    mode: str,
+    sizes: Sequence[int],
+    sigma_scale: float | Sequence[float] = 0.125,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> list[torch.Tensor]:
+    """The 1-D window of blending ``mode`` for each axis of a patch of ``sizes``.
+
+    ``sigma_scale`` (one value or one per axis) is used by ``"gaussian"`` only, as MONAI's ``sigma_scale``.
+    Allocates ``sum(sizes)`` values.
+
+    Raises:
+        ValueError: ``sigma_scale`` with a number of values that does not fit ``sizes``.
+    """
+    sigmas = [float(v) for v in np.ravel(sigma_scale)]
+    if len(sigmas) == 1:
+        sigmas = sigmas * len(sizes)
+    if len(sigmas) != len(sizes):
+        raise ValueError(f"sigma_scale {sigma_scale!r} does not fit a patch of {len(sizes)} dimensions.")
+    if mode == "gaussian":
+        return [gaussian_window(q, sigma_scale=s, dtype=dtype, device=device) for q, s in zip(sizes, sigmas)]
+    return [WINDOWS[mode](q, dtype=dtype, device=device) for q in sizes]
 
 
 def outer_window(windows: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,15 @@ from monai.transforms import InvertibleTransform, LazyTransform, MapTransform, R
 from monai.transforms.traits import MultiSampleTrait
 from monai.utils import TransformBackends, ensure_tuple
 
-from .._shapes import LOCATION, TypeSpatialShape, is_array, location_tensor, parse_spatial_shape, resolve_patch_size
+from .._shapes import (
+    LOCATION,
+    TypeSpatialShape,
+    fill_patch_size,
+    is_array,
+    location_tensor,
+    parse_spatial_shape,
+    resolve_patch_size,
+)
 from .._shapes import spatial_shape as _spatial_shape
 from .crop import crop_box, crop_source, translated_affines, uncrop
 
@@ -85,7 +93,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         if patch_size is None:
             raise TypeError(f"{type(self).__name__}: patch_size is required.")
         self.fill_non_positive = bool(fill_non_positive)
-        checked = _fill_spec(patch_size, None) if self.fill_non_positive else patch_size
+        checked = fill_patch_size(patch_size, None) if self.fill_non_positive else patch_size
         resolve_patch_size(checked, len(checked) if isinstance(checked, Sequence) else 3)
         if isinstance(patch_size, Sequence) and len(patch_size) not in (2, 3):
             raise ValueError(f"patch_size must be an int or 2 or 3 ints, got {tuple(patch_size)!r}.")
@@ -248,7 +256,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         return keys
 
     def _fit_patch_size(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        spec = _fill_spec(self._patch_size, shape) if self.fill_non_positive else self._patch_size
+        spec = fill_patch_size(self._patch_size, shape) if self.fill_non_positive else self._patch_size
         size = resolve_patch_size(spec, len(shape))
         if self.allow_smaller:
             size = tuple(min(p, s) for p, s in zip(size, shape))
@@ -263,18 +271,6 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         """Seed ``self.R`` (as every MONAI ``Randomizable``); returns ``self``."""
         super().set_random_state(seed=seed, state=state)
         return self
-
-
-def _fill_spec(spec: TypeSpatialShape, shape: tuple[int, ...] | None) -> TypeSpatialShape:
-    """Replace values <= 0 of a patch-size spec by the image's size (by 1 when ``shape`` is None, to validate)."""
-    if isinstance(spec, Sequence) or is_array(spec):
-        values = list(np.asarray(spec).ravel())
-        return [
-            (shape[i] if shape is not None and i < len(shape) else 1) if v <= 0 else v for i, v in enumerate(values)
-        ]
-    if spec <= 0:
-        return [1] * 3 if shape is None else list(shape)
-    return spec
 
 
 def valid_region(img: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
