@@ -79,7 +79,7 @@ print(f"max |GridInferer - SlidingWindowInferer| = {float((ours - theirs).abs().
 # %% [markdown]
 # ## Time and memory against MONAI
 # Peak memory is read from the kernel (`VmHWM`, reset before each run) and reported above the output volume's own
-# size; the time is the median of a few runs.
+# size; the time is the median of a few runs (one run at full size, where a UNet pass takes a while on a CPU).
 
 # %%
 def peak_rss_mib() -> float:
@@ -87,7 +87,7 @@ def peak_rss_mib() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 
 
-def measure(inferer, repeats: int = 3) -> tuple[float, float]:
+def measure(inferer, repeats: int = 3 if FAST else 1) -> tuple[float, float]:
     """(median seconds, peak MiB above the output) of ``inferer(image, network)``."""
     times, extra = [], []
     for _ in range(repeats):
