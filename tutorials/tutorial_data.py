@@ -52,6 +52,8 @@ def load_subject() -> dict:
     data = load({"image": files["t1"], "gm": files["gm"], "wm": files["wm"]})
     if FAST:
         data = {k: v[:, ::4, ::4, ::4] for k, v in data.items()}
+        for volume in data.values():
+            volume.affine = volume.affine @ torch.diag(torch.tensor([4.0, 4.0, 4.0, 1.0], dtype=torch.float64))
     t1, gm, wm = (data[k].as_tensor() for k in ("image", "gm", "wm"))
     label = torch.zeros_like(t1, dtype=torch.uint8)
     label[t1 > 0] = 1
