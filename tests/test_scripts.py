@@ -38,6 +38,7 @@ TUTORIAL_FIGURES = {
     "01_patch_training.py": ["01_sampled_centres.png", "01_label_frequencies.png", "01_training_loss.png"],
     "02_inference.py": ["02_overlap_modes.png", "02_time_memory.png"],
     "04_migrating.py": [],
+    "05_distributed_inference.py": [],
 }
 
 

@@ -9,12 +9,14 @@ drives a :class:`BlendPlan` directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from .._shapes import LOCATION
 from ..sampling.grid import GridGeometry, GridSampler, crop_boundaries
 from .windows import WINDOWS, axis_windows, grid_normaliser, outer_window
 
@@ -231,9 +233,29 @@ class GridAggregator:
         device: where the output is accumulated; ``None``: the device of the first batch.
         sigma_scale: for ``overlap_mode="gaussian"`` (MONAI's importance map, separable, floored at 1e-3 of its
             peak per axis), the standard deviation as a fraction of the patch size.
+        output: stream the result into this ``(C', *spatial_out)`` destination (a torch tensor, a ``numpy.memmap`` or
+            any array supporting slice assignment): each slab of the first spatial axis is normalised, passed through
+            ``postprocess`` and written once every patch touching it was added, and its accumulator dropped, so with
+            patches added in grid order (the sampler's) about one row of patches' output is held.
+            :meth:`get_output_tensor` returns ``output``.
+        postprocess: applied to each finished ``(C, rows, *spatial_out[1:])`` slab (any split of the first axis),
+            returning the ``(C', rows, ...)`` slab written, e.g.
+            ``lambda x: x.argmax(0, keepdim=True).to(torch.uint8)``; without ``output`` a new volume of its dtype is
+            allocated and returned.
+        roi_mask: a tensor/array of the subject's spatial shape (or ``(1, *spatial)``): only patches whose box holds
+            a nonzero voxel must be added (:meth:`patches_to_run` lists them); others are skipped, and ignored if
+            added. A skipped patch counts as an output of ``fill_value`` everywhere, so the output is ``fill_value``
+            where only skipped patches reach and equals the full run's everywhere inside the mask.
+        fill_value: the value of skipped patches.
+        distributed: the ranks of the default ``torch.distributed`` group (initialised with a ``timeout``) each add
+            a share of the patches; :meth:`get_output_tensor` (called on every rank) sums them and returns the whole
+            volume on every rank. Not with ``output``/``postprocess``.
+        process_group: shard over this group (implies ``distributed``).
+        dst: sum onto this global rank only; the others get ``None``.
 
     Raises:
-        ValueError: an unknown ``overlap_mode``.
+        ValueError: an unknown ``overlap_mode``, streaming with sharding, a bad ``dst``.
+        TypeError: a ``roi_mask`` given as a key, a ``postprocess`` that is not callable.
 
     Example::
 
@@ -250,7 +272,18 @@ class GridAggregator:
         *,
         device: torch.device | str | None = None,
         sigma_scale: float | Sequence[float] = 0.125,
+        output: Any = None,
+        postprocess: Callable[[torch.Tensor], Any] | None = None,
+        roi_mask: Any = None,
+        fill_value: float = 0.0,
+        distributed: bool = False,
+        process_group: Any = None,
+        dst: int | None = None,
     ) -> None:
+        from .scale_out import AggregationSink  # scale_out builds on this module
+
+        self._sink = AggregationSink(output, postprocess, roi_mask, fill_value, distributed, process_group, dst)
+        self._result: Any = None
         self.sampler = sampler
         self.overlap_mode = check_overlap_mode(overlap_mode)
         self.sigma_scale = sigma_scale
@@ -345,40 +378,55 @@ class GridAggregator:
             dtype = accumulator_dtype(self.overlap_mode, batch.dtype)
             device = self.device or batch.device
             self._plan = BlendPlan(geometry, self.overlap_mode, batch.shape[2:], device, dtype, self.sigma_scale)
-            self._output = zeros_volume((batch.shape[1], *self._plan.out_shape), dtype, device)
+            self._output = self._sink.start(self._plan, geometry, batch.shape[1], dtype, device)
             self._seen = torch.zeros(geometry.grid_shape, dtype=torch.bool)
-        assert self._output is not None and self._seen is not None
-        if batch.shape[1:] != (self._output.shape[0], *self._plan.out_patch):
+        assert self._seen is not None
+        if batch.shape[1:] != (self._sink.channels, *self._plan.out_patch):
             raise ValueError(
                 f"GridAggregator: batch of patch shape {tuple(batch.shape[1:])} does not match the earlier batches' "
-                f"{(self._output.shape[0], *self._plan.out_patch)}."
+                f"{(self._sink.channels, *self._plan.out_patch)}."
             )
         seen = self._seen[tuple(index.T)]
         if seen.any() or len(torch.unique(index, dim=0)) < len(index):
             rows = locations[seen] if seen.any() else locations
             raise ValueError(f"GridAggregator: a patch was added twice (locations {rows.tolist()}).")
         self._seen[tuple(index.T)] = True
-        batch = batch.detach().to(device=self._output.device, dtype=self._output.dtype)
-        self._plan.add(self._output, batch, index.tolist())
+        index, batch = self._sink.keep(index, batch)
+        batch = batch.detach().to(device=self._sink.device, dtype=self._sink.dtype)
+        self._sink.add(self._plan, self._output, batch, index.tolist())
+
+    def patches_to_run(self, patches: Sequence[Mapping[Hashable, Any]]) -> list[Mapping[Hashable, Any]]:
+        """The patch dicts of the sampler's last call whose box holds a voxel of ``roi_mask`` (all without a mask):
+        the ones worth running through the network. Allocates the mask's booleans.
+
+        Raises:
+            RuntimeError: the sampler has laid no grid yet.
+        """
+        if self._sink.roi_mask is None:
+            return list(patches)
+        from .scale_out import run_mask
+
+        geometry = self._grid()
+        run = run_mask(self._sink.roi_mask, geometry, 1, "GridAggregator")[0].reshape(geometry.grid_shape)
+        if not patches:
+            return []
+        index = self._grid_index(geometry, torch.stack([torch.as_tensor(p[LOCATION]) for p in patches]).to(torch.int64))
+        return [p for p, keep in zip(patches, run[tuple(index.T.numpy())]) if keep]
 
     def get_output_tensor(self) -> torch.Tensor:
         """The aggregated volume ``(C_out, *spatial)`` over the unpadded input (scaled if the network scales).
 
-        Normalises the accumulator in place on the first call (no copy); later calls return the same tensor.
+        Normalises the accumulator in place on the first call (no copy); later calls return the same tensor. With
+        ``output``/``postprocess``: the destination (already written); sharded with ``dst``: ``None`` on other ranks.
 
         Raises:
-            RuntimeError: no batch was added.
-            ValueError: some patches of the grid were never added (the separable normaliser needs all of them).
+            RuntimeError: no batch was added; a collective failed or timed out.
+            ValueError: some patches of the grid (inside ``roi_mask``) were never added (the separable normaliser
+                needs all of them); sharded: a patch added on several ranks, or ranks with different grids.
         """
-        if self._output is None or self._plan is None or self._seen is None:
+        if self._plan is None or self._seen is None:
             raise RuntimeError("GridAggregator.get_output_tensor: no batch was added.")
         if not self._normalised:
-            missing = int((~self._seen).sum())
-            if missing:
-                raise ValueError(
-                    f"GridAggregator: {missing} of {self._seen.numel()} grid patches were never added; every patch "
-                    "of the grid must be added once."
-                )
-            self._plan.normalise_(self._output)
+            self._result = self._sink.finish(self._plan, self._output, self._seen)
             self._normalised = True
-        return self._output
+        return self._result

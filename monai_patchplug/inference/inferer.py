@@ -111,7 +111,8 @@ class GridInferer(Inferer):
 
     Raises:
         TypeError, ValueError: bad sizes, overlap, mode, batch size or padding mode, one setting given under our
-            name and MONAI's with different values, or ``with_coord=True``.
+            name and MONAI's with different values, or ``with_coord=True``; a ``postprocess`` that is not callable,
+            a bad ``dst``.
 
     Example::
 
@@ -213,11 +214,19 @@ class GridInferer(Inferer):
             The network's structure (tensor, tuple/list or dict) of ``(B, C_out, *spatial_out)`` volumes on
             ``device``, MetaTensors carrying the input's metadata when ``inputs`` is one. Allocates the outputs, a
             padded copy of ``inputs`` when padding, and one batch of patches (plus its converted copy) at a time.
+            With ``output``: ``output``, written (only about one row of patches' output is held at a time); with
+            ``postprocess`` alone: a new ``(B, C', ...)`` volume of its dtype; sharded with ``dst``: ``None`` on the
+            other ranks. ``roi_mask`` adds one boolean copy of the mask.
 
         Raises:
             ValueError: inputs that are not ``(B, C, H, W[, D])``, or network outputs whose batch or spatial
-                dimensions do not fit the patches.
-            TypeError: a network output that is not a tensor, a tuple/list or a dict of tensors.
+                dimensions do not fit the patches; an ``output`` of the wrong shape, or slabs whose shape, dtype kind
+                or integer range do not fit it (raised before anything is written); a ``roi_mask`` of another shape;
+                sharded: ranks with different input shapes, masks or network outputs (on every rank, no hang).
+            TypeError: a network output that is not a tensor, a tuple/list or a dict of tensors; an ``output``
+                without ``shape``/slice assignment.
+            KeyError: ``roi_mask`` names a keyword argument that was not passed.
+            RuntimeError: sharding without an initialised process group; a collective that timed out.
         """
         if any(v is not None for v in (self.output, self.postprocess, self.roi_mask, self.process_group)) or (
             self.distributed

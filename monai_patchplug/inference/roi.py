@@ -1,0 +1,93 @@
+"""Regions of interest: which patches of a grid hold at least one voxel of a mask.
+
+A patch is run iff its box, in the input's voxel grid (the grid's padding clipped away), contains a nonzero mask
+voxel. The test is exact and cheap: the boxes' start and end rows cut every axis into at most ``2 n + 1`` intervals;
+the mask is reduced to one "any" per cell of that partition (``numpy.logical_or.reduceat``, axis by axis, so the
+largest temporary is one boolean slab of cells along the first axis), and each box's count of occupied cells comes
+from a summed-area table over that small cell array.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from ..sampling.grid import GridGeometry
+
+__all__ = ["patches_in_roi", "resolve_roi_mask"]
+
+
+def resolve_roi_mask(roi_mask: Any, n_items: int, spatial_shape: Sequence[int], who: str = "GridInferer") -> np.ndarray:
+    """The mask as booleans, ``(1 or n_items, *spatial_shape)``.
+
+    Args:
+        roi_mask: a tensor, MetaTensor or array of shape ``spatial``, ``(1, *spatial)`` (shared by every batch item)
+            or ``(n_items, 1, *spatial)`` (one per item); any nonzero value is inside.
+        n_items: the batch size.
+        spatial_shape: the input's spatial shape.
+        who: the class named in the messages.
+
+    Returns:
+        A boolean numpy array; allocates one byte per mask voxel (a copy on the CPU).
+
+    Raises:
+        ValueError: a mask of another shape, naming both.
+    """
+    if isinstance(roi_mask, MetaTensor):
+        roi_mask = roi_mask.as_tensor()
+    mask = (roi_mask != 0).cpu().numpy() if isinstance(roi_mask, torch.Tensor) else np.asarray(roi_mask) != 0
+    spatial = tuple(int(s) for s in spatial_shape)
+    shape = tuple(mask.shape)
+    if shape == spatial:
+        return mask[None]
+    if shape == (1, *spatial):
+        return mask
+    if shape in ((n_items, 1, *spatial), (1, 1, *spatial)):
+        return mask[:, 0]
+    raise ValueError(
+        f"{who}: roi_mask of shape {shape} does not fit the input's spatial shape {spatial} (batch of {n_items}): "
+        f"expected {spatial}, {(1, *spatial)} or {(n_items, 1, *spatial)}."
+    )
+
+
+def patches_in_roi(mask: np.ndarray, geometry: GridGeometry) -> np.ndarray:
+    """Which patches of ``geometry`` contain a nonzero voxel of ``mask``.
+
+    Args:
+        mask: booleans of the input's (unpadded) spatial shape.
+        geometry: the grid; its padding lies outside the mask.
+
+    Returns:
+        Booleans of shape ``geometry.grid_shape``. Allocates a boolean array of (cells along axis 0) x the other axes,
+        then arrays of the size of the cell grid only.
+    """
+    lows, highs, cuts = [], [], []
+    for size, corners, p, pad in zip(
+        geometry.spatial_shape, geometry.corners, geometry.patch_size, geometry.pad_before
+    ):
+        c = np.asarray(corners, dtype=np.int64) - pad
+        lo, hi = np.clip(c, 0, size), np.clip(c + p, 0, size)
+        edges = np.unique(np.concatenate([[0], lo, hi]))
+        edges = edges[edges < size]
+        cuts.append(edges)
+        lows.append(np.searchsorted(edges, lo))
+        highs.append(np.searchsorted(edges, hi))  # an end at ``size`` maps to the number of cells
+    cells = mask
+    for axis, edges in enumerate(cuts):
+        cells = np.logical_or.reduceat(cells, edges, axis=axis)
+    table = np.zeros(tuple(n + 1 for n in cells.shape), dtype=np.int64)
+    summed = cells.astype(np.int64)
+    for axis in range(summed.ndim):
+        summed = summed.cumsum(axis)
+    table[(slice(1, None),) * summed.ndim] = summed
+    count = np.zeros(geometry.grid_shape, dtype=np.int64)
+    ndim = len(cuts)
+    for bits in itertools.product((0, 1), repeat=ndim):
+        index = np.ix_(*[highs[a] if bit else lows[a] for a, bit in enumerate(bits)])
+        count += (-1) ** (ndim - sum(bits)) * table[index]
+    return count > 0
