@@ -284,6 +284,7 @@ class GridInferer(Inferer):
                     lo, hi = max(first, item * n_patches), min(last, (item + 1) * n_patches)
                     rows = grid_index[lo - item * n_patches : hi - item * n_patches]
                     plan.add(volume[item], out[lo - first : hi - first], rows)
+            del outputs, out  # free this batch's outputs before the network computes the next one
         results = []
         for plan, volume in zip(plans, volumes):
             plan.normalise_(volume)
