@@ -222,9 +222,10 @@ class GridAggregator:
 
     ``crop``: every output voxel comes from the one patch whose centre is nearest along each axis, in the network's
     output dtype. ``average`` (equal weights), ``hann`` (separable Hann window, strictly positive at the edges) and
-    ``gaussian`` (MONAI's importance map)
-    accumulate weighted sums in float32 (float64 for float64 or wide integer outputs) and divide once by a separable
-    normaliser, so no weight or count map is ever allocated: the memory is the output volume alone.
+    ``gaussian`` (MONAI's importance map) accumulate weighted sums in float32 (float64 for float64 or wide integer
+    outputs) and divide once by the summed weights: separable for ``average`` and ``hann``, so no weight or count
+    map is allocated and the memory is the output volume alone; ``gaussian`` keeps one single-channel weight volume,
+    as MONAI does, because MONAI floors the product of its axis windows as a whole.
     The network may change the channel count and scale patches by a per-axis factor (see :class:`BlendPlan`).
 
     Args:
@@ -413,11 +414,14 @@ class GridAggregator:
         index = self._grid_index(geometry, torch.stack([torch.as_tensor(p[LOCATION]) for p in patches]).to(torch.int64))
         return [p for p, keep in zip(patches, run[tuple(index.T.numpy())]) if keep]
 
-    def get_output_tensor(self) -> torch.Tensor:
+    def get_output_tensor(self) -> Any:
         """The aggregated volume ``(C_out, *spatial)`` over the unpadded input (scaled if the network scales).
 
-        Normalises the accumulator in place on the first call (no copy); later calls return the same tensor. With
-        ``output``/``postprocess``: the destination (already written); sharded with ``dst``: ``None`` on other ranks.
+        Normalises the accumulator in place on the first call (no copy); later calls return the same tensor.
+
+        Returns:
+            A tensor; with ``output``/``postprocess``, the destination (already written, any array type); sharded
+            with ``dst``, ``None`` on the other ranks.
 
         Raises:
             RuntimeError: no batch was added; a collective failed or timed out.
