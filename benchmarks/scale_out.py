@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import monai
 import torch
+from inference import make_network
 from monai.inferers import SlidingWindowInferer
 
 import monai_patchplug as mpp
@@ -131,14 +132,7 @@ def phantom(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def roi_table(size: int, patch: int, overlap: int, batch: int, repeats: int) -> None:
     """(b): with and without ``roi_mask``, interleaved repeats in this process."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv3d(1, 8, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv3d(8, 8, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv3d(8, 2, 1),
-    ).eval()
+    net = make_network("conv")
     image, mask = phantom(size)
     network_time = {"full": 0.0, "roi": 0.0}
     patches = {"full": 0, "roi": 0}
