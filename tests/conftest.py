@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 from monai.data import MetaTensor
 
 
@@ -38,3 +39,13 @@ def subject() -> dict:
         "prob": MetaTensor(torch.rand((1, *shape), generator=torch.Generator().manual_seed(0)), affine=affine),
         "name": "case_000",
     }
+
+
+@st.composite
+def grid_setups(draw, max_patch: int, max_shape: int, paddings: list) -> tuple:
+    """``(shape, patch, overlap, padding)`` of a 2D or 3D grid: patches of 2..max_patch, any valid overlap."""
+    ndim = draw(st.sampled_from([2, 3]))
+    patch = tuple(draw(st.integers(2, max_patch)) for _ in range(ndim))
+    overlap = tuple(draw(st.integers(0, p - 1)) for p in patch)
+    shape = tuple(draw(st.integers(1, max_shape)) for _ in range(ndim))
+    return shape, patch, overlap, draw(st.sampled_from(paddings))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import box_slices
+from conftest import box_slices, grid_setups
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import DataLoader, list_data_collate
@@ -34,11 +34,7 @@ def aggregate(sampler, subject, mode, network=lambda x: x, batch=3, seed=0, key=
 
 @st.composite
 def grid_cases(draw):
-    ndim = draw(st.sampled_from([2, 3]))
-    patch = tuple(draw(st.integers(2, 9)) for _ in range(ndim))
-    overlap = tuple(draw(st.integers(0, p - 1)) for p in patch)
-    shape = tuple(draw(st.integers(1, 20)) for _ in range(ndim))
-    padding = draw(st.sampled_from([None, 0, "reflect", "replicate"]))
+    shape, patch, overlap, padding = draw(grid_setups(9, 20, [None, 0, "reflect", "replicate"]))
     if padding in (None, "reflect"):  # torch's reflect needs the axis longer than the pad
         shape = tuple(max(s, p) for s, p in zip(shape, patch))
     return shape, patch, overlap, padding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import grid_setups
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.bundle import ConfigParser
@@ -36,11 +37,7 @@ def pointwise(x: torch.Tensor) -> torch.Tensor:
 
 @st.composite
 def inferer_cases(draw):
-    ndim = draw(st.sampled_from([2, 3]))
-    patch = tuple(draw(st.integers(2, 8)) for _ in range(ndim))
-    overlap = tuple(draw(st.integers(0, p - 1)) for p in patch)
-    shape = tuple(draw(st.integers(1, 18)) for _ in range(ndim))
-    padding = draw(st.sampled_from([None, 0, "edge", "symmetric"]))
+    shape, patch, overlap, padding = draw(grid_setups(8, 18, [None, 0, "edge", "symmetric"]))
     return (draw(st.integers(1, 3)), *shape), patch, overlap, padding, draw(st.integers(1, 5))
 
 

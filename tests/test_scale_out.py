@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import grid_setups
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,11 +86,7 @@ def test_streamed_output_equals_the_in_memory_one(mode, padding):
 
 @st.composite
 def streaming_cases(draw):
-    ndim = draw(st.sampled_from([2, 3]))
-    patch = tuple(draw(st.integers(2, 7)) for _ in range(ndim))
-    overlap = tuple(draw(st.integers(0, p - 1)) for p in patch)
-    shape = tuple(draw(st.integers(1, 16)) for _ in range(ndim))
-    padding = draw(st.sampled_from([None, 0, "edge"]))
+    shape, patch, overlap, padding = draw(grid_setups(7, 16, [None, 0, "edge"]))
     return (draw(st.integers(1, 2)), *shape), patch, overlap, padding, draw(st.integers(1, 4))
 
 
