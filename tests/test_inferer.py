@@ -54,6 +54,20 @@ def test_pointwise_network_reconstructs_the_input(case, mode):
         torch.testing.assert_close(out, pointwise(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["average", "hann"])
+@pytest.mark.parametrize("network", [lambda x: x, lambda x: x.mul_(2).sub_(1), lambda x: (x[:, :1], x * 2)])
+def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(mode, network):
+    """The patch weights are built in the input batch's buffer once the network returned, unless an output shares
+    its memory (returned as is, changed in place, or a view of it)."""
+    x = torch.randn(2, 1, 19, 17, 13)
+    expected = network(x.clone())
+    out = mpp.GridInferer((8, 7, 6), (3, 2, 3), mode, batch_size=3)(x, network)
+    for ours, theirs in zip(
+        out if isinstance(out, tuple) else [out], expected if isinstance(expected, tuple) else [expected]
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])
 @torch.no_grad()
 def test_pointwise_network_gives_monai_output(mode):
@@ -180,4 +194,3 @@ def test_bad_arguments_and_outputs_are_clear_errors():
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: p[0])
     with pytest.raises(TypeError, match="str"):
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: "no")
-

@@ -1,14 +1,15 @@
 """GridAggregator: put the network's patch outputs back into one volume.
 
 The work is split in two: :class:`BlendPlan` is everything that depends only on the grid and the network's output
-patch shape (scaled corners, crop ownership, windows, per-axis normalisers) and knows how to add a batch of patches
-into an output tensor and to normalise it in place; :class:`GridAggregator` adds the user-facing state (the sampler
+patch shape (scaled corners, crop ownership, windows divided by the per-axis sums of weights) and knows how to add
+a batch of patches into an output tensor; :class:`GridAggregator` adds the user-facing state (the sampler
 it reads the grid from, the accumulator, which patches were seen) and the checks. :class:`~monai_patchplug.GridInferer`
 drives a :class:`BlendPlan` directly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -24,8 +25,6 @@ __all__ = ["GridAggregator", "BlendPlan", "OVERLAP_MODES", "accumulator_dtype", 
 
 #: The overlap modes: ``crop`` (each voxel from the patch whose centre is nearest), and the blending modes.
 OVERLAP_MODES = ("crop", *WINDOWS)
-
-_NORMALISE_CHUNK = 1 << 20  # elements of the temporary weight slab used while normalising
 
 
 def zeros_volume(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
@@ -70,6 +69,12 @@ class BlendPlan:
     input corner ``c`` lands at output corner ``c * Q // P`` (exact when the product is a multiple of ``P``), in an
     output volume of ``S * Q // P`` voxels, where ``S`` is the unpadded input size; the padding is cropped away.
 
+    ``average`` and ``hann`` are separable: the summed weights at a voxel are the product of per-axis sums, so each
+    patch's weight is divided by them up front, one 1-D window per axis and grid position (``w_j / N`` over the
+    patch's span). The accumulator then holds the normalised result as soon as every patch was added: no weight or
+    count volume, and no pass over the output at the end. ``gaussian`` (MONAI's importance map, floored as a whole)
+    is not separable and keeps one single-channel volume of summed weights, divided out by :meth:`normalise_`.
+
     Args:
         geometry: the grid.
         overlap_mode: one of :data:`OVERLAP_MODES`.
@@ -82,7 +87,8 @@ class BlendPlan:
     Raises:
         ValueError: an unknown mode, or an ``out_patch`` of another rank than the grid.
 
-    Allocates per-axis 1-D tensors and, for ``hann`` and ``gaussian``, one patch-sized weight.
+    Allocates per-axis 1-D tensors and, for the blending modes, one patch-sized weight (``gaussian``: also its
+    single-channel volume of summed weights).
     """
 
     def __init__(
@@ -109,24 +115,36 @@ class BlendPlan:
         self.out_shape = tuple(s * q // p for s, (q, p) in zip(geometry.spatial_shape, scale))
         if min(self.out_shape) < 1:
             raise ValueError(f"output patches of shape {self.out_patch} scale the volume to {self.out_shape}.")
+        #: per axis and grid position, ``(lo, hi, start)``: the output range the patch writes (``crop``: owns) and
+        #: where the patch begins, in unpadded output coordinates
+        self.spans: list[list[tuple[int, int, int]]] = []
+        for corners, starts, (q, p), off, n in zip(geometry.corners, self.starts, scale, self.offset, self.out_shape):
+            begin = [s - off for s in starts]
+            ranges = self._ownership(corners, p, q, off, n) if self.crop else [(b, b + q) for b in begin]
+            self.spans.append([(min(max(lo, 0), n), min(max(hi, 0), n), b) for (lo, hi), b in zip(ranges, begin)])
+        #: the ``gaussian`` patch weight, and the reciprocal of its sums over the grid as one volume
         self.weight: torch.Tensor | None = None
-        self.inv_norms: list[torch.Tensor] = []
-        #: the summed weights' reciprocal as one volume, for the one window that is not separable (``gaussian``)
         self.inv_norm_volume: torch.Tensor | None = None
+        #: separable modes: per axis and grid position, the normalised 1-D window (``Q`` weights) and its class
+        #: (positions whose windows are equal share one, so their patch weights are built once)
+        self.axis_weights: list[list[torch.Tensor]] = []
+        self._classes: list[list[int]] = []
+        self._weight_key: tuple | None = None
+        self._weight_buffer: torch.Tensor | None = None
+        self._weight: torch.Tensor | float = 1.0
         if self.crop:
-            self.owned = [
-                self._ownership(corners, p, q, off, n)
-                for corners, (q, p), off, n in zip(geometry.corners, scale, self.offset, self.out_shape)
-            ]
-        else:
-            windows = axis_windows(overlap_mode, self.out_patch, sigma_scale, dtype=dtype, device=device)
-            if overlap_mode != "average":
-                self.weight = outer_window(windows)
-            if overlap_mode == "gaussian":
-                self._gaussian_normaliser(geometry, dtype, device)
-            else:
-                for w, starts, length, off, n in zip(windows, self.starts, padded, self.offset, self.out_shape):
-                    self.inv_norms.append(grid_normaliser(w, starts, length)[off : off + n].reciprocal_())
+            return
+        windows = axis_windows(overlap_mode, self.out_patch, sigma_scale, dtype=torch.float64, device=device)
+        if overlap_mode == "gaussian":
+            self.weight = outer_window(windows).to(dtype)
+            self._gaussian_normaliser(geometry, dtype, device)
+            return
+        for w, starts, length in zip(windows, self.starts, padded):
+            inv = grid_normaliser(w, starts, length).reciprocal_()
+            normalised = [(w * inv[s : s + len(w)]).to(dtype) for s in starts]
+            known: dict[bytes, int] = {}
+            self._classes.append([known.setdefault(v.cpu().numpy().tobytes(), len(known)) for v in normalised])
+            self.axis_weights.append(normalised)
 
     def _gaussian_normaliser(self, geometry: GridGeometry, dtype: torch.dtype, device: torch.device | None) -> None:
         """MONAI's importance map floors the product of the axis windows as a whole (at ``max(min, 1e-3)``), which is
@@ -144,72 +162,120 @@ class BlendPlan:
     def _ownership(corners: Sequence[int], p: int, q: int, offset: int, n: int) -> list[tuple[int, int]]:
         """Per patch on one axis, the ``[lo, hi)`` output range it owns in ``crop`` mode (unpadded coordinates)."""
         cuts = [0] + [b * q // p - offset for b in crop_boundaries(corners, p)] + [n]
-        return [(min(max(lo, 0), n), min(max(hi, 0), n)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        return list(zip(cuts[:-1], cuts[1:]))
 
     def row_range(self, j: int) -> tuple[int, int]:
         """Output rows ``[lo, hi)`` of the first spatial axis that patches of grid row ``j`` write (maybe empty)."""
-        start = self.starts[0][j] - self.offset[0]
-        lo, hi = self.owned[0][j] if self.crop else (start, start + self.out_patch[0])
-        return max(lo, 0), min(hi, self.out_shape[0])
+        lo, hi, _ = self.spans[0][j]
+        return lo, max(lo, hi)
+
+    def _patch_weight(
+        self, index: Sequence[int], src: Sequence[slice], scratch: torch.Tensor | None
+    ) -> torch.Tensor | float:
+        """The normalised weight of the patch at ``index`` over its part ``src``: a number when it is constant
+        there (``average`` away from uneven overlaps), else the outer product of the per-axis windows, built into
+        ``scratch`` when it fits (contiguous, of the weight's dtype and device, large enough) or else into one
+        patch-sized buffer of the plan's own. The last weight is kept, so a run of patches whose windows match
+        builds it once."""
+        key = tuple((c[j], s.start, s.stop) for c, j, s in zip(self._classes, index, src))
+        if key == self._weight_key:
+            return self._weight
+        vectors = [w[j][s] for w, j, s in zip(self.axis_weights, index, src)]
+        if all(bool((v == v[0]).all()) for v in vectors):
+            self._weight = float(np.prod([float(v[0]) for v in vectors]))
+        else:
+            shape = [len(v) for v in vectors]
+            numel = math.prod(shape)
+            fits = (
+                scratch is not None
+                and scratch.dtype == vectors[0].dtype
+                and scratch.device == vectors[0].device
+                and scratch.is_contiguous()
+                and scratch.numel() >= numel
+            )
+            if fits:
+                buffer = scratch.reshape(-1)
+            else:
+                if self._weight_buffer is None or self._weight_buffer.numel() < numel:
+                    self._weight_buffer = vectors[0].new_empty(math.prod(self.out_patch))
+                buffer = self._weight_buffer
+            plane = vectors[0]
+            for v in vectors[1:-1]:
+                plane = plane[..., None] * v
+            out = buffer[:numel].view(shape)
+            self._weight = torch.mul(plane[..., None], vectors[-1], out=out) if len(vectors) > 1 else plane
+        self._weight_key = key
+        return self._weight
 
     def add(
-        self, out: torch.Tensor, patches: torch.Tensor, grid_index: Sequence[Sequence[int]], *, base: int = 0
+        self,
+        out: torch.Tensor,
+        patches: torch.Tensor,
+        grid_index: Sequence[Sequence[int]],
+        *,
+        base: int = 0,
+        scratch: torch.Tensor | None = None,
     ) -> None:
         """Add (blend modes) or copy (``crop``) ``patches`` into ``out`` in place.
 
         Args:
-            out: ``(..., *out_shape)`` accumulator, of :func:`accumulator_dtype` (not yet normalised); or, with
-                ``base``, a slab ``(..., rows, *out_shape[1:])`` holding output rows ``[base, base + rows)`` of the
-                first spatial axis (the parts of the patches outside the slab are left out).
+            out: ``(..., *out_shape)`` accumulator, of :func:`accumulator_dtype`; or, with ``base``, a slab
+                ``(..., rows, *out_shape[1:])`` holding output rows ``[base, base + rows)`` of the first spatial axis
+                (the parts of the patches outside the slab are left out).
             patches: ``(n, ..., *out_patch)`` on ``out``'s device, in its dtype.
             grid_index: ``n`` rows of per-axis patch indices into the grid's corners.
             base: the output row where ``out`` begins along the first spatial axis.
+            scratch: memory the caller no longer needs (the network's input batch, once the network returned and
+                when no output aliases it), overwritten with the patch weights of ``average``/``hann`` when it fits.
 
-        Allocates nothing (one patch-sized temporary in ``crop`` mode only when the dtypes differ).
+        Allocates nothing but, in the separable modes without a fitting ``scratch``, the plan's patch-sized weight
+        buffer at the first patch that needs it (``crop``: one patch-sized temporary only when the dtypes differ).
         """
-        ndim = len(self.out_shape)
-        top = base + out.shape[out.ndim - ndim]
-        for patch, index in zip(patches, grid_index):
-            dst, src = [], []
-            for axis, j in enumerate(index):
-                n, q, off = self.out_shape[axis], self.out_patch[axis], self.offset[axis]
-                start = self.starts[axis][j] - off
-                lo, hi = self.owned[axis][j] if self.crop else (start, start + q)
-                first = base if axis == 0 else 0
-                lo, hi = max(lo, first), min(hi, top if axis == 0 else n)
-                if lo >= hi:
-                    break
-                dst.append(slice(lo - first, hi - first))
-                src.append(slice(lo - start, hi - start))
-            else:
-                target = out[(..., *dst)]
-                values = patch[(..., *src)]
+        top = base + out.shape[out.ndim - len(self.out_shape)]
+        try:
+            for patch, index in zip(patches, grid_index):
+                box = self._box(index, base, top)
+                if box is None:
+                    continue
+                dst, src = box
+                target, values = out[(..., *dst)], patch[(..., *src)]
                 if self.crop:
                     target.copy_(values)
-                elif self.weight is None:
-                    target.add_(values)
+                elif self.weight is not None:
+                    target.addcmul_(values, self.weight[src])
                 else:
-                    target.addcmul_(values, self.weight[tuple(src)])
+                    weight = self._patch_weight(index, src, scratch)
+                    if isinstance(weight, float):
+                        target.add_(values, alpha=weight)
+                    else:
+                        target.addcmul_(values, weight)
+        finally:
+            if scratch is not None:
+                self._weight_key = None  # the caller reuses scratch: forget the weight built there
+
+    def _box(self, index: Sequence[int], base: int, top: int) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+        """Where the patch at grid ``index`` goes in an accumulator holding output rows ``[base, top)``: the
+        destination and source slices per spatial axis, or ``None`` when it has no voxel there."""
+        dst, src = [], []
+        for axis, j in enumerate(index):
+            lo, hi, start = self.spans[axis][j]
+            first = 0
+            if axis == 0:
+                lo, hi, first = max(lo, base), min(hi, top), base
+            if lo >= hi:
+                return None
+            dst.append(slice(lo - first, hi - first))
+            src.append(slice(lo - start, hi - start))
+        return tuple(dst), tuple(src)
 
     def normalise_(self, out: torch.Tensor, *, base: int = 0) -> torch.Tensor:
-        """Divide ``out`` (``(..., *out_shape)``) in place by the summed weights; a no-op in ``crop`` mode.
-
-        With ``base``, ``out`` is a slab holding output rows ``[base, base + rows)`` of the first spatial axis (see
-        :meth:`add`). The divisor is the outer product of the per-axis normalisers, built one slab of the first
-        spatial axis at a time, so the temporary holds at most about a million weights (``gaussian``: the summed
-        weights' volume instead). Returns ``out``.
+        """Finish ``out`` (``(..., *out_shape)``, or a slab of it from output row ``base`` as in :meth:`add`) in place
+        and return it: ``gaussian`` divides by the summed weights' volume; the other modes are already normalised
+        (``crop`` copies, ``average``/``hann`` add pre-normalised weights), so this is a no-op for them.
         """
-        if self.crop:
-            return out
-        rows = out.shape[out.ndim - len(self.out_shape)]
         if self.inv_norm_volume is not None:
-            return out.mul_(self.inv_norm_volume[:, base : base + rows].to(out.dtype))
-        first, rest = self.inv_norms[0][base : base + rows], self.inv_norms[1:]
-        plane = outer_window(rest) if rest else first.new_ones(())
-        step = max(1, _NORMALISE_CHUNK // max(plane.numel(), 1))
-        for i in range(0, first.shape[0], step):
-            slab = (first[i : i + step].reshape(-1, *([1] * len(rest))) * plane).to(out.dtype)
-            out[(..., slice(i, i + step), *([slice(None)] * len(rest)))].mul_(slab)
+            rows = out.shape[out.ndim - len(self.out_shape)]
+            out.mul_(self.inv_norm_volume[:, base : base + rows].to(out.dtype))
         return out
 
 
@@ -223,9 +289,10 @@ class GridAggregator:
     ``crop``: every output voxel comes from the one patch whose centre is nearest along each axis, in the network's
     output dtype. ``average`` (equal weights), ``hann`` (separable Hann window, strictly positive at the edges) and
     ``gaussian`` (MONAI's importance map) accumulate weighted sums in float32 (float64 for float64 or wide integer
-    outputs) and divide once by the summed weights: separable for ``average`` and ``hann``, so no weight or count
-    map is allocated and the memory is the output volume alone; ``gaussian`` keeps one single-channel weight volume,
-    as MONAI does, because MONAI floors the product of its axis windows as a whole.
+    outputs). The summed weights of ``average`` and ``hann`` are separable, so each patch's weight is divided by
+    them before it is added: no weight or count map, no pass over the volume at the end, and the memory is the
+    output volume alone; ``gaussian`` keeps one single-channel weight volume, as MONAI does, because MONAI floors
+    the product of its axis windows as a whole, and divides by it in :meth:`get_output_tensor`.
     The network may change the channel count and scale patches by a per-axis factor (see :class:`BlendPlan`).
 
     Args:
@@ -425,8 +492,8 @@ class GridAggregator:
 
         Raises:
             RuntimeError: no batch was added; a collective failed or timed out.
-            ValueError: some patches of the grid (inside ``roi_mask``) were never added (the separable normaliser
-                needs all of them); sharded: a patch added on several ranks, or ranks with different grids.
+            ValueError: some patches of the grid (inside ``roi_mask``) were never added (the weights were
+                normalised for all of them); sharded: a patch added on several ranks, or ranks with different grids.
         """
         if self._plan is None or self._seen is None:
             raise RuntimeError("GridAggregator.get_output_tensor: no batch was added.")

@@ -3,7 +3,8 @@
 It lays the same grid as :class:`~monai_patchplug.GridSampler` over a ``(B, C, *spatial)`` batch, cuts the patches of
 all batch items as one flat sequence (so one network call can hold patches of two items and the number of calls is
 ``ceil(B * num_patches / batch_size)``), and puts each output back with a :class:`BlendPlan`: no weight or count map,
-float32 accumulation, one batch of patches in flight.
+float32 accumulation, one batch of patches in flight (the patch weights are built in the input batch's buffer once
+the network has returned).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[l
         "GridInferer: the network must return a tensor, a tuple/list or a dict of tensors, "
         f"got {type(output).__name__}."
     )
+
+
+def reusable_input(buffer: torch.Tensor | None, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``buffer`` (the network's input batch, ours) when no output shares its memory, so that, the network having
+    returned, its memory can take the patch weights; else ``None``."""
+    if buffer is None:
+        return None
+    address = buffer.untyped_storage().data_ptr()
+    return None if any(o.untyped_storage().data_ptr() == address for o in outputs) else buffer
 
 
 class GridInferer(Inferer):
@@ -266,6 +276,7 @@ class GridInferer(Inferer):
                     buffer = padded.new_empty((min(self.batch_size, total), *padded.shape[1:2], *geometry.patch_size))
                 window = torch.stack(views, out=buffer[: last - first])
             outputs, rebuild = _flatten(network(window.to(sw_device), *args, **kwargs))
+            scratch = reusable_input(buffer, outputs)
             if not plans:
                 for out in outputs:
                     self._check_output(out, window)
@@ -283,7 +294,7 @@ class GridInferer(Inferer):
                 for item in range(first // n_patches, (last - 1) // n_patches + 1):
                     lo, hi = max(first, item * n_patches), min(last, (item + 1) * n_patches)
                     rows = grid_index[lo - item * n_patches : hi - item * n_patches]
-                    plan.add(volume[item], out[lo - first : hi - first], rows)
+                    plan.add(volume[item], out[lo - first : hi - first], rows, scratch=scratch)
             del outputs, out  # free this batch's outputs before the network computes the next one
         results = []
         for plan, volume in zip(plans, volumes):

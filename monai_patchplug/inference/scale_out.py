@@ -71,7 +71,7 @@ def scale_out_call(
     Raises:
         ValueError, TypeError, KeyError, RuntimeError: see :class:`~monai_patchplug.GridInferer`.
     """
-    from .inferer import _flatten  # the inferer imports this module
+    from .inferer import _flatten, reusable_input  # the inferer imports this module
 
     if inputs.ndim not in (4, 5):
         raise ValueError(f"GridInferer: inputs must be (B, C, H, W[, D]), got shape {tuple(inputs.shape)}.")
@@ -143,6 +143,7 @@ def scale_out_call(
                 buffer = padded.new_empty((min(size, len(mine)), *padded.shape[1:2], *geometry.patch_size))
             window = torch.stack(views, out=buffer[: len(chunk)])
         outputs, rebuild = _flatten(network(window.to(sw_device), *args, **kwargs))
+        scratch = reusable_input(buffer, outputs)
         if not plans:
             for out in outputs:
                 inferer._check_output(out, window)
@@ -186,7 +187,7 @@ def scale_out_call(
                 if writers:
                     writers[item].add(out[lo:hi], index)
                 else:
-                    plan.add(volumes[o][item], out[lo:hi], index)
+                    plan.add(volumes[o][item], out[lo:hi], index, scratch=scratch)
         del outputs, out  # free this batch's outputs before the network allocates the next ones
 
     if streaming:
