@@ -9,10 +9,15 @@ network call, two networks:
 Times: every configuration is built in one process, warmed up once, then timed in N interleaved rounds (each round
 runs every row once, so machine noise hits all rows alike) under ``torch.no_grad()``; medians of
 ``time.perf_counter``; ratios compare rows of the same network in this run. Memory: each configuration runs once more
-in its own subprocess, where "extra peak" is the peak resident size (``VmHWM``; ``ru_maxrss`` would
-include the parent's peak) minus the resident size just before the run, and
-"minus output" subtracts the output volume (2 x 192^3 float32 = 54 MiB). TorchIO is optional: without it its rows
-are skipped with a note.
+in its own subprocess. It first runs the same configuration on a small volume (so code pages, thread pools and
+lazily built state are in place, as in any process that has run inference before), hands freed heap memory back
+(glibc ``malloc_trim``) and resets the peak (``/proc/self/clear_refs``); "extra peak" is then the peak resident size
+(``VmHWM``) during the full-size run minus the resident size just before it, and "minus output" subtracts the output
+volume (2 x 192^3 float32 = 54 MiB). The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps
+every buffer of 64 KiB or more on its own and unmaps it when freed, so the resident size counts the buffers alive,
+not what the allocator kept on its free lists (without it, rows move by multiples of the network's 8 MiB output
+from run to run). One batch of patches, the network's input and output (4 x 1 x 64^3 and
+4 x 2 x 64^3 float32), is 12 MiB. TorchIO is optional: without it its rows are skipped with a note.
 
 Run from the repository root::
 
@@ -24,7 +29,10 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import importlib.util
+import os
 import platform
 import statistics
 import subprocess
@@ -123,9 +131,24 @@ def time_interleaved(runners: dict, repeats: int) -> dict:
     return {key: statistics.median(t) for key, t in times.items()}
 
 
+def _release_and_reset_peak() -> None:
+    """Hand freed heap memory back to the system (glibc only) and reset ``VmHWM`` to the current RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_extra_mib(library: str, mode: str, net: str, size: int, patch: int, overlap: int, batch: int) -> float:
-    """One run in this process: peak RSS minus the RSS just before it, in MiB (meaningful in a fresh process)."""
+    """Peak RSS of one full-size run minus the RSS just before it, in MiB, after a warm-up run of the same
+    configuration on a volume of ``2 * patch`` voxels per axis (meant for a fresh process)."""
+    with torch.no_grad():
+        build(library, mode, net, 2 * patch, patch, overlap, batch)()
     run = build(library, mode, net, size, patch, overlap, batch)
+    _release_and_reset_peak()
     with torch.no_grad():
         before = _status_kib("VmRSS")
         run()
@@ -135,7 +158,8 @@ def peak_extra_mib(library: str, mode: str, net: str, size: int, patch: int, ove
 def in_child(library: str, mode: str, net: str) -> float:
     """:func:`peak_extra_mib` in a fresh interpreter."""
     cmd = [sys.executable, __file__, "--child", library, mode, net]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every large buffer its own mapping: RSS = live memory
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -158,7 +182,11 @@ def main() -> int:
     if not HAS_TORCHIO:
         print("# TorchIO is not installed (pip install torchio): its rows are skipped.")
     out_mib = 2 * size**3 * 4 / 2**20
-    print(f"# extra peak: peak RSS minus RSS before the run (1-channel input; output alone: {out_mib:.1f} MiB)")
+    batch_mib = batch * 3 * patch**3 * 4 / 2**20
+    print(
+        f"# extra peak: peak RSS minus RSS before the run, after a warm-up (1-channel input; output alone: "
+        f"{out_mib:.1f} MiB; one batch of patches, network input + output: {batch_mib:.1f} MiB)"
+    )
     print()
     header = (
         "| network | method | mode | median (s) | MONAI / ours | TorchIO / ours | extra peak (MiB) | minus output |"
