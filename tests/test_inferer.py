@@ -14,6 +14,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.networks.nets import UNet
 
 import monai_patchplug as mpp
+from monai_patchplug.inference import patch_weights
 
 MODES = ["crop", "average", "hann"]
 
@@ -66,6 +67,35 @@ def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(m
         out if isinstance(out, tuple) else [out], expected if isinstance(expected, tuple) else [expected]
     ):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["average", "hann"])
+def test_weights_built_in_the_input_batch_are_rebuilt_for_every_batch(mode, monkeypatch):
+    """With a store of 64 elements every 5x6x4 weight is large and goes into the spent input batch, which the next
+    batch overwrites; runs of patches with one weight cross batch boundaries (4 positions along the last axis,
+    batches of 3), so a weight kept from the previous batch would be read from the new patches."""
+    x = torch.randn(1, 1, 13, 16, 14)
+    expected = mpp.GridInferer((5, 6, 4), (2, 2, 1), mode, batch_size=3)(x, pointwise)
+    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
+    out = mpp.GridInferer((5, 6, 4), (2, 2, 1), mode, batch_size=3)(x, pointwise)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, pointwise(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["average", "hann", "gaussian"])
+def test_an_inferer_reused_across_shapes_and_outputs_gives_what_a_fresh_one_gives(mode):
+    """Blend plans, and the weights they built, are kept between calls: interleaved shapes and two outputs of two
+    dtypes must give exactly a fresh inferer's result; 40^3 patches take several weight stores' worth."""
+    inferer = mpp.GridInferer(40, (15, 12, 9), mode, batch_size=3)
+
+    def net(x):
+        return {"a": pointwise(x), "b": (x * 2).double()}
+
+    for shape in [(1, 1, 100, 90, 80), (2, 1, 50, 61, 45), (1, 1, 100, 90, 80)]:
+        x = torch.randn(shape)
+        ours, fresh = inferer(x, net), mpp.GridInferer(40, (15, 12, 9), mode, batch_size=3)(x, net)
+        assert torch.equal(ours["a"], fresh["a"]) and torch.equal(ours["b"], fresh["b"])
+        torch.testing.assert_close(ours["a"], pointwise(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])

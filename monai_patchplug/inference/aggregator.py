@@ -9,7 +9,6 @@ drives a :class:`BlendPlan` directly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +18,8 @@ from monai.data import MetaTensor
 
 from .._shapes import LOCATION
 from ..sampling.grid import GridGeometry, GridSampler, crop_boundaries
-from .windows import WINDOWS, axis_windows, grid_normaliser, outer_window
+from .patch_weights import PatchWeights
+from .windows import WINDOWS, axis_windows, outer_window
 
 __all__ = ["GridAggregator", "BlendPlan", "OVERLAP_MODES", "accumulator_dtype", "check_overlap_mode"]
 
@@ -87,8 +87,9 @@ class BlendPlan:
     Raises:
         ValueError: an unknown mode, or an ``out_patch`` of another rank than the grid.
 
-    Allocates per-axis 1-D tensors and, for the blending modes, one patch-sized weight (``gaussian``: also its
-    single-channel volume of summed weights).
+    Allocates per-axis 1-D tensors; ``gaussian``: one patch-sized weight and its single-channel volume of summed
+    weights; ``average``/``hann``: the weights built by :class:`~.patch_weights.PatchWeights` (at most a 1 MiB store,
+    or one patch-sized weight for larger patches, none when :meth:`add` gets a fitting ``scratch``).
     """
 
     def __init__(
@@ -122,29 +123,21 @@ class BlendPlan:
             begin = [s - off for s in starts]
             ranges = self._ownership(corners, p, q, off, n) if self.crop else [(b, b + q) for b in begin]
             self.spans.append([(min(max(lo, 0), n), min(max(hi, 0), n), b) for (lo, hi), b in zip(ranges, begin)])
+        #: per axis and grid position, the destination and source slices in a whole-volume accumulator
+        self._slices = [[(slice(lo, hi), slice(lo - b, hi - b)) for lo, hi, b in spans] for spans in self.spans]
         #: the ``gaussian`` patch weight, and the reciprocal of its sums over the grid as one volume
         self.weight: torch.Tensor | None = None
         self.inv_norm_volume: torch.Tensor | None = None
-        #: separable modes: per axis and grid position, the normalised 1-D window (``Q`` weights) and its class
-        #: (positions whose windows are equal share one, so their patch weights are built once)
-        self.axis_weights: list[list[torch.Tensor]] = []
-        self._classes: list[list[int]] = []
-        self._weight_key: tuple | None = None
-        self._weight_buffer: torch.Tensor | None = None
-        self._weight: torch.Tensor | float = 1.0
+        #: ``average``/``hann``: every patch's weight divided by the grid's summed weights
+        self.patch_weights: PatchWeights | None = None
         if self.crop:
             return
         windows = axis_windows(overlap_mode, self.out_patch, sigma_scale, dtype=torch.float64, device=device)
         if overlap_mode == "gaussian":
             self.weight = outer_window(windows).to(dtype)
             self._gaussian_normaliser(geometry, dtype, device)
-            return
-        for w, starts, length in zip(windows, self.starts, padded):
-            inv = grid_normaliser(w, starts, length).reciprocal_()
-            normalised = [(w * inv[s : s + len(w)]).to(dtype) for s in starts]
-            known: dict[bytes, int] = {}
-            self._classes.append([known.setdefault(v.cpu().numpy().tobytes(), len(known)) for v in normalised])
-            self.axis_weights.append(normalised)
+        else:
+            self.patch_weights = PatchWeights(windows, self.starts, padded, dtype)
 
     def _gaussian_normaliser(self, geometry: GridGeometry, dtype: torch.dtype, device: torch.device | None) -> None:
         """MONAI's importance map floors the product of the axis windows as a whole (at ``max(min, 1e-3)``), which is
@@ -168,44 +161,6 @@ class BlendPlan:
         """Output rows ``[lo, hi)`` of the first spatial axis that patches of grid row ``j`` write (maybe empty)."""
         lo, hi, _ = self.spans[0][j]
         return lo, max(lo, hi)
-
-    def _patch_weight(
-        self, index: Sequence[int], src: Sequence[slice], scratch: torch.Tensor | None
-    ) -> torch.Tensor | float:
-        """The normalised weight of the patch at ``index`` over its part ``src``: a number when it is constant
-        there (``average`` away from uneven overlaps), else the outer product of the per-axis windows, built into
-        ``scratch`` when it fits (contiguous, of the weight's dtype and device, large enough) or else into one
-        patch-sized buffer of the plan's own. The last weight is kept, so a run of patches whose windows match
-        builds it once."""
-        key = tuple((c[j], s.start, s.stop) for c, j, s in zip(self._classes, index, src))
-        if key == self._weight_key:
-            return self._weight
-        vectors = [w[j][s] for w, j, s in zip(self.axis_weights, index, src)]
-        if all(bool((v == v[0]).all()) for v in vectors):
-            self._weight = float(np.prod([float(v[0]) for v in vectors]))
-        else:
-            shape = [len(v) for v in vectors]
-            numel = math.prod(shape)
-            fits = (
-                scratch is not None
-                and scratch.dtype == vectors[0].dtype
-                and scratch.device == vectors[0].device
-                and scratch.is_contiguous()
-                and scratch.numel() >= numel
-            )
-            if fits:
-                buffer = scratch.reshape(-1)
-            else:
-                if self._weight_buffer is None or self._weight_buffer.numel() < numel:
-                    self._weight_buffer = vectors[0].new_empty(math.prod(self.out_patch))
-                buffer = self._weight_buffer
-            plane = vectors[0]
-            for v in vectors[1:-1]:
-                plane = plane[..., None] * v
-            out = buffer[:numel].view(shape)
-            self._weight = torch.mul(plane[..., None], vectors[-1], out=out) if len(vectors) > 1 else plane
-        self._weight_key = key
-        return self._weight
 
     def add(
         self,
@@ -244,14 +199,15 @@ class BlendPlan:
                 elif self.weight is not None:
                     target.addcmul_(values, self.weight[src])
                 else:
-                    weight = self._patch_weight(index, src, scratch)
+                    assert self.patch_weights is not None
+                    weight = self.patch_weights.get(index, src, scratch)
                     if isinstance(weight, float):
                         target.add_(values, alpha=weight)
                     else:
                         target.addcmul_(values, weight)
         finally:
-            if scratch is not None:
-                self._weight_key = None  # the caller reuses scratch: forget the weight built there
+            if self.patch_weights is not None:
+                self.patch_weights.forget_scratch()  # the caller reuses scratch
 
     def _box(self, index: Sequence[int], base: int, top: int) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
         """Where the patch at grid ``index`` goes in an accumulator holding output rows ``[base, top)``: the
@@ -259,13 +215,18 @@ class BlendPlan:
         dst, src = [], []
         for axis, j in enumerate(index):
             lo, hi, start = self.spans[axis][j]
-            first = 0
-            if axis == 0:
-                lo, hi, first = max(lo, base), min(hi, top), base
             if lo >= hi:
                 return None
-            dst.append(slice(lo - first, hi - first))
-            src.append(slice(lo - start, hi - start))
+            if axis == 0 and (base > lo or top < hi):  # a slab: the part of the patch in it
+                lo, hi = max(lo, base), min(hi, top)
+                if lo >= hi:
+                    return None
+                dst.append(slice(lo - base, hi - base))
+                src.append(slice(lo - start, hi - start))
+            else:
+                to, of = self._slices[axis][j]
+                dst.append(slice(to.start - base, to.stop - base) if axis == 0 and base else to)
+                src.append(of)
         return tuple(dst), tuple(src)
 
     def normalise_(self, out: torch.Tensor, *, base: int = 0) -> torch.Tensor:

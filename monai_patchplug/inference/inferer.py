@@ -37,6 +37,8 @@ __all__ = ["GridInferer"]
 
 TypeNetworkOutput = torch.Tensor | Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]
 
+_KEPT_PLANS = 8  # blend plans a GridInferer keeps between calls
+
 
 def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
     """The tensors of a network output and a function that rebuilds the same structure from new tensors."""
@@ -192,6 +194,26 @@ class GridInferer(Inferer):
             raise ValueError(f"dst must be None or a rank (a non-negative int), got {dst!r}.")
         self.output, self.postprocess, self.roi_mask, self.fill_value = output, postprocess, roi_mask, float(fill_value)
         self.distributed, self.process_group, self.dst = bool(distributed), process_group, dst
+        self._plans: dict[tuple, BlendPlan] = {}
+
+    def plan(
+        self, geometry: GridGeometry, out_patch: Sequence[int], device: torch.device, dtype: torch.dtype
+    ) -> BlendPlan:
+        """The :class:`BlendPlan` of ``geometry`` for network output patches of spatial shape ``out_patch``.
+
+        Plans are kept between calls (a few per inferer, dropped when inputs of other shapes come), so repeated
+        calls on inputs of one shape reuse the weights they built, except ``gaussian`` plans, which hold a
+        volume of summed weights.
+        """
+        key = (geometry, tuple(int(q) for q in out_patch), torch.device(device), dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = BlendPlan(geometry, self.overlap_mode, out_patch, device, dtype, self.settings.sigma_scale)
+            if plan.inv_norm_volume is None:
+                if len(self._plans) >= _KEPT_PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan
 
     def geometry(self, spatial_shape: Sequence[int]) -> GridGeometry:
         """The grid this inferer lays over inputs of ``spatial_shape`` (small tuples only).
@@ -281,8 +303,7 @@ class GridInferer(Inferer):
                 for out in outputs:
                     self._check_output(out, window)
                     dtype = accumulator_dtype(self.overlap_mode, out.dtype)
-                    sigma = self.settings.sigma_scale
-                    plan = BlendPlan(geometry, self.overlap_mode, out.shape[2:], device, dtype, sigma)
+                    plan = self.plan(geometry, out.shape[2:], device, dtype)
                     plans.append(plan)
                     volumes.append(zeros_volume((n_items, out.shape[1], *plan.out_shape), dtype, device))
             elif len(outputs) != len(plans):

@@ -148,7 +148,7 @@ def scale_out_call(
             for out in outputs:
                 inferer._check_output(out, window)
                 dtype = accumulator_dtype(inferer.overlap_mode, out.dtype)
-                plan = BlendPlan(geometry, inferer.overlap_mode, out.shape[2:], device, dtype, settings.sigma_scale)
+                plan = inferer.plan(geometry, out.shape[2:], device, dtype)
                 plans.append(plan)
                 dtypes.append(dtype)
                 channels.append(int(out.shape[1]))

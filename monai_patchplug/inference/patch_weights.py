@@ -1,0 +1,140 @@
+"""The normalised weight of each patch of a regular grid, for the separable blending modes (``average``, ``hann``).
+
+Over a Cartesian grid the summed weights at a voxel are the product of one sum per axis, so the weight of a patch
+divided by them is an outer product of 1-D vectors: per axis, the window divided by that axis' sums over the
+patch's span. Grid positions whose vectors are equal (all interior positions of an evenly spaced axis) share one
+*class*; a patch weight is named by its classes and the part of the patch that is used, and built once per name:
+a number when every vector is constant (``average`` where overlaps are even), else a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .windows import grid_normaliser
+
+__all__ = ["PatchWeights"]
+
+#: elements of the plan's own store of built weights (1 MiB in float32); larger weights are built one at a time
+_STORE_ELEMENTS = 1 << 18
+
+
+class PatchWeights:
+    """Patch weights divided by the grid's summed weights.
+
+    Args:
+        windows: per axis, the 1-D window of the patch (float64).
+        starts: per axis, the start of each patch in padded output coordinates.
+        lengths: per axis, the padded output length.
+        dtype: the weights' dtype (the accumulator's).
+
+    Allocates per axis one vector per class; built weights go to a store of at most ``max(2^18, patch)`` elements
+    that is emptied when full, or, when one is larger than a quarter of that, into the caller's ``scratch`` if it
+    fits.
+    """
+
+    def __init__(
+        self,
+        windows: Sequence[torch.Tensor],
+        starts: Sequence[Sequence[int]],
+        lengths: Sequence[int],
+        dtype: torch.dtype,
+    ) -> None:
+        self.dtype = dtype
+        self.device = windows[0].device
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        #: per axis, the class of each grid position, and the normalised vector of each class
+        self.classes: list[list[int]] = []
+        self.vectors: list[list[torch.Tensor]] = []
+        for w, axis_starts, length in zip(windows, starts, lengths):
+            inv = 1.0 / grid_normaliser(w, axis_starts, length).cpu().numpy()
+            window = w.cpu().numpy()
+            known: dict[bytes, int] = {}
+            vectors: list[np.ndarray] = []
+            classes = []
+            for s in axis_starts:
+                v = (window * inv[s : s + len(window)]).astype(np_dtype)
+                c = known.setdefault(v.tobytes(), len(known))
+                if c == len(vectors):
+                    vectors.append(v)
+                classes.append(c)
+            self.classes.append(classes)
+            self.vectors.append([torch.from_numpy(v).to(self.device) for v in vectors])
+        self._parts: dict[tuple[int, int, int, int], tuple[torch.Tensor, float | None]] = {}
+        self._built: dict[tuple, torch.Tensor | float] = {}
+        self._store: torch.Tensor | None = None
+        self._used = 0
+        self._scratch_key: tuple | None = None
+        self._scratch_weight: torch.Tensor | None = None
+
+    def _part(self, axis: int, j: int, src: slice) -> tuple[tuple[int, int, int, int], torch.Tensor, float | None]:
+        """The name, vector and constant value (``None`` if it varies) of grid position ``j``'s vector on ``axis``
+        over ``src``."""
+        key = (axis, self.classes[axis][j], src.start, src.stop)
+        part = self._parts.get(key)
+        if part is None:
+            v = self.vectors[axis][key[1]][src]
+            part = self._parts[key] = (v, float(v[0]) if bool((v == v[0]).all()) else None)
+        return (key, *part)
+
+    def get(
+        self, index: Sequence[int], src: Sequence[slice], scratch: torch.Tensor | None = None
+    ) -> torch.Tensor | float:
+        """The weight of the patch at grid ``index`` over its part ``src`` (per-axis slices of the patch).
+
+        A number when it is constant there; else a tensor of the part's shape. A large weight (over a quarter of
+        the store) is built in ``scratch`` when that is contiguous, of the weights' dtype and device and large
+        enough; it is then valid until :meth:`forget_scratch`.
+        """
+        parts = [self._part(axis, j, s) for axis, (j, s) in enumerate(zip(index, src))]
+        key = tuple(name for name, _, _ in parts)
+        if key == self._scratch_key:
+            return self._scratch_weight
+        weight = self._built.get(key)
+        if weight is not None:
+            return weight
+        if all(c is not None for _, _, c in parts):
+            weight = self._built[key] = math.prod(c for _, _, c in parts)
+            return weight
+        vectors = [v for _, v, _ in parts]
+        shape = [len(v) for v in vectors]
+        numel = math.prod(shape)
+        if numel > _STORE_ELEMENTS // 4 and self._fits(scratch, numel):
+            assert scratch is not None
+            self._scratch_key, self._scratch_weight = key, _outer(vectors, scratch.reshape(-1)[:numel].view(shape))
+            return self._scratch_weight
+        if self._store is None or self._used + numel > self._store.numel():
+            if self._store is None or self._store.numel() < numel:
+                self._store = torch.empty(max(numel, _STORE_ELEMENTS), dtype=self.dtype, device=self.device)
+            self._built = {k: w for k, w in self._built.items() if isinstance(w, float)}
+            self._used = 0
+        weight = self._built[key] = _outer(vectors, self._store[self._used : self._used + numel].view(shape))
+        self._used += numel
+        return weight
+
+    def _fits(self, scratch: torch.Tensor | None, numel: int) -> bool:
+        return (
+            scratch is not None
+            and scratch.dtype == self.dtype
+            and scratch.device == self.device
+            and scratch.is_contiguous()
+            and scratch.numel() >= numel
+        )
+
+    def forget_scratch(self) -> None:
+        """Forget the weight built in the caller's scratch (the caller is about to reuse it)."""
+        self._scratch_key = self._scratch_weight = None
+
+
+def _outer(vectors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The outer product of ``vectors``, written into ``out`` (of their lengths' shape); returns ``out``."""
+    if len(vectors) == 1:
+        return out.copy_(vectors[0])
+    plane = vectors[0]
+    for v in vectors[1:-1]:
+        plane = plane[..., None] * v
+    return torch.mul(plane[..., None], vectors[-1], out=out)
