@@ -121,6 +121,10 @@ class GridInferer(Inferer):
     ``gaussian`` floors the product of the axis windows as MONAI does, so its summed weights are not separable and
     one single-channel weight volume is kept (as MONAI's count map); the other modes keep none.
 
+    The inferer keeps the blend plans of the last few grids (per-axis weights, at most a 1 MiB store of built patch
+    weights each; see :meth:`plan`), so repeated calls on inputs of one shape do not rebuild them; one instance
+    should therefore not be called from several threads at once.
+
     Raises:
         TypeError, ValueError: bad sizes, overlap, mode, batch size or padding mode, one setting given under our
             name and MONAI's with different values, or ``with_coord=True``; a ``postprocess`` that is not callable,
