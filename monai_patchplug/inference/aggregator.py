@@ -445,7 +445,8 @@ class GridAggregator:
     def get_output_tensor(self) -> Any:
         """The aggregated volume ``(C_out, *spatial)`` over the unpadded input (scaled if the network scales).
 
-        Normalises the accumulator in place on the first call (no copy); later calls return the same tensor.
+        Finishes the accumulator in place on the first call (no copy; ``gaussian`` divides it by the summed weights,
+        the other modes' weights were normalised as they were added); later calls return the same tensor.
 
         Returns:
             A tensor; with ``output``/``postprocess``, the destination (already written, any array type); sharded

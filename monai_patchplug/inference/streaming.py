@@ -2,7 +2,8 @@
 
 The output's first spatial axis is cut at every row where a grid row of patches begins or ends (in ``crop`` mode, at
 the ownership boundaries), into *segments*. Each segment is touched by a fixed set of grid rows, so it is finished
-once every patch of those rows has been added: then it is normalised with the grid's separable normaliser, passed
+once every patch of those rows has been added: then it is finished (already normalised for ``average``/``hann``,
+whose patch weights are divided by the grid's sums of weights; divided by the summed weights for ``gaussian``), passed
 through the caller's ``postprocess`` and written into the caller's destination (a torch tensor, a ``numpy.memmap`` or
 any array supporting slice assignment), and its accumulator is dropped. Accumulators are allocated at a segment's
 first patch, so with patches in grid order (first axis slowest, as :class:`~monai_patchplug.GridInferer` and
