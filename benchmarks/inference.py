@@ -24,6 +24,8 @@ Run from the repository root::
     python benchmarks/inference.py               # 192^3, 3 rounds, one memory subprocess per row
     python benchmarks/inference.py --repeats 7
     python benchmarks/inference.py --quick       # 1x24^3, 12^3 patches, 1 repeat, no memory column (smoke test)
+    python benchmarks/inference.py --device cuda # on a GPU: input, networks and outputs there; memory column from
+                                                 # torch.cuda.max_memory_allocated
 """
 
 from __future__ import annotations
@@ -60,24 +62,35 @@ NETS = ["identity", "conv"]
 HAS_TORCHIO = importlib.util.find_spec("torchio") is not None
 
 
-def make_network(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_network(name: str, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """The benchmark's networks: ``identity`` (1 -> 2 channels, no compute) or a small conv net (1 -> 2)."""
     if name == "identity":
         return lambda x: torch.cat([x, x], 1)
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv3d(1, 8, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv3d(8, 8, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv3d(8, 2, 1),
-    ).eval()
+    return (
+        torch.nn.Sequential(
+            torch.nn.Conv3d(1, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv3d(8, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv3d(8, 2, 1),
+        )
+        .eval()
+        .to(device)
+    )
+
+
+def _sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA), so that wall times cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def make_runner(
     library: str, mode: str, network: Callable, image: torch.Tensor, patch: int, overlap: int, batch: int
 ) -> Callable[[], torch.Tensor]:
-    """A no-argument function that runs one full inference of ``image`` (``(1, 1, *spatial)``)."""
+    """A no-argument function that runs one full inference of ``image`` (``(1, 1, *spatial)``, on the device the
+    benchmark runs on; TorchIO samples from a CPU copy and each batch goes to that device for the network)."""
     if library == "GridInferer":
         inferer = mpp.GridInferer(patch, overlap, mode, batch_size=batch)
         return lambda: inferer(image, network)
@@ -86,13 +99,13 @@ def make_runner(
         return lambda: sw(image, network)
     import torchio as tio
 
-    subject = tio.Subject(t1=tio.ScalarImage(tensor=image[0]))
+    subject = tio.Subject(t1=tio.ScalarImage(tensor=image[0].cpu()))
 
     def run() -> torch.Tensor:
         sampler = tio.inference.GridSampler(subject, patch, overlap)
         aggregator = tio.inference.GridAggregator(sampler, overlap_mode=mode)
         for batch_ in torch.utils.data.DataLoader(sampler, batch_size=batch, collate_fn=_torchio_collate):
-            aggregator.add_batch(network(batch_[0]), batch_[1])
+            aggregator.add_batch(network(batch_[0].to(image.device)), batch_[1])
         return aggregator.get_output_tensor()
 
     return run
@@ -117,23 +130,25 @@ class TimedNetwork:
         self.network, self.seconds = network, 0.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _sync(str(x.device))
         start = time.perf_counter()
         out = self.network(x)
+        _sync(str(x.device))
         self.seconds += time.perf_counter() - start
         return out
 
 
 def build(
-    library: str, mode: str, net: str, size: int, patch: int, overlap: int, batch: int
+    library: str, mode: str, net: str, size: int, patch: int, overlap: int, batch: int, device: str = "cpu"
 ) -> tuple[Callable, TimedNetwork]:
     """The runner of one configuration (same seeded volume for every row) and its timed network."""
     torch.manual_seed(1)
-    image = torch.randn(1, 1, size, size, size)
-    network = TimedNetwork(make_network(net))
+    image = torch.randn(1, 1, size, size, size).to(device)
+    network = TimedNetwork(make_network(net, device))
     return make_runner(library, mode, network, image, patch, overlap, batch), network
 
 
-def time_interleaved(runners: dict, repeats: int) -> tuple[dict, dict]:
+def time_interleaved(runners: dict, repeats: int, device: str = "cpu") -> tuple[dict, dict]:
     """Per runner, the median seconds of a run and of the part of it spent outside the network; rounds interleave
     the runners so machine noise hits every row alike."""
     times: dict = {key: [] for key in runners}
@@ -141,11 +156,13 @@ def time_interleaved(runners: dict, repeats: int) -> tuple[dict, dict]:
     with torch.no_grad():
         for run, _ in runners.values():
             run()  # warm-up
+        _sync(device)
         for _ in range(repeats):
             for key, (run, network) in runners.items():
                 network.seconds = 0.0
                 start = time.perf_counter()
                 run()
+                _sync(device)
                 times[key].append(time.perf_counter() - start)
                 outside[key].append(times[key][-1] - network.seconds)
     return {k: statistics.median(t) for k, t in times.items()}, {k: statistics.median(t) for k, t in outside.items()}
@@ -162,12 +179,23 @@ def _release_and_reset_peak() -> None:
         f.write("5")
 
 
-def peak_extra_mib(library: str, mode: str, net: str, size: int, patch: int, overlap: int, batch: int) -> float:
-    """Peak RSS of one full-size run minus the RSS just before it, in MiB, after a warm-up run of the same
-    configuration on a volume of ``2 * patch`` voxels per axis (meant for a fresh process)."""
+def peak_extra_mib(
+    library: str, mode: str, net: str, size: int, patch: int, overlap: int, batch: int, device: str = "cpu"
+) -> float:
+    """Peak memory of one full-size run minus the memory just before it, in MiB, after a warm-up run of the same
+    configuration on a volume of ``2 * patch`` voxels per axis (meant for a fresh process): resident size on the
+    CPU, memory allocated by PyTorch on a CUDA device."""
     with torch.no_grad():
-        build(library, mode, net, 2 * patch, patch, overlap, batch)[0]()
-    run, _ = build(library, mode, net, size, patch, overlap, batch)
+        build(library, mode, net, 2 * patch, patch, overlap, batch, device)[0]()
+    run, _ = build(library, mode, net, size, patch, overlap, batch, device)
+    if torch.device(device).type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            run()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     _release_and_reset_peak()
     with torch.no_grad():
         before = _status_kib("VmRSS")
@@ -175,9 +203,9 @@ def peak_extra_mib(library: str, mode: str, net: str, size: int, patch: int, ove
     return max(_status_kib("VmHWM") - before, 0) / 1024
 
 
-def in_child(library: str, mode: str, net: str) -> float:
+def in_child(library: str, mode: str, net: str, device: str = "cpu") -> float:
     """:func:`peak_extra_mib` in a fresh interpreter."""
-    cmd = [sys.executable, __file__, "--child", library, mode, net]
+    cmd = [sys.executable, __file__, "--device", device, "--child", library, mode, net]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every large buffer its own mapping: RSS = live memory
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(done.stdout.strip().splitlines()[-1])
@@ -187,24 +215,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny volume, 1 repeat, in-process (smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the input, networks and outputs live (e.g. cuda)")
     parser.add_argument("--child", nargs=3, metavar=("LIBRARY", "MODE", "NET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     size, patch, overlap, batch = (24, 12, 4, 4) if args.quick else (192, 64, 32, 4)
     if args.child:
-        print(peak_extra_mib(*args.child, size, patch, overlap, batch))
+        print(peak_extra_mib(*args.child, size, patch, overlap, batch, args.device))
         return 0
     repeats = 1 if args.quick else args.repeats
     print(
         f"# grid inference: 1x{size}^3, {patch}^3 patches, overlap {overlap}, batch {batch}; "
         f"{repeats} repeats; torch {torch.__version__}, MONAI {monai.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.machine()}"
+        f"{torch.get_num_threads()} threads, {platform.machine()}, device {args.device}"
     )
     if not HAS_TORCHIO:
         print("# TorchIO is not installed (pip install torchio): its rows are skipped.")
     out_mib = 2 * size**3 * 4 / 2**20
     batch_mib = batch * 3 * patch**3 * 4 / 2**20
     print(
-        f"# extra peak: peak RSS minus RSS before the run, after a warm-up (1-channel input; output alone: "
+        f"# extra peak: peak {'CUDA memory allocated' if 'cuda' in args.device else 'RSS'} minus the same before "
+        f"the run, after a warm-up (1-channel input; output alone: "
         f"{out_mib:.1f} MiB; one batch of patches, network input + output: {batch_mib:.1f} MiB)"
     )
     print("# outside the network: the run's time minus the time spent inside the network's calls (same medians)")
@@ -216,10 +246,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for net in NETS:
         methods = [(lib, mode) for lib, mode in METHODS if lib != "torchio" or HAS_TORCHIO]
-        runners = {key: build(*key, net, size, patch, overlap, batch) for key in methods}
-        medians, outside = time_interleaved(runners, repeats)
+        runners = {key: build(*key, net, size, patch, overlap, batch, args.device) for key in methods}
+        medians, outside = time_interleaved(runners, repeats, args.device)
         del runners
-        memory = {key: float("nan") if args.quick else in_child(*key, net) for key in methods}
+        memory = {key: float("nan") if args.quick else in_child(*key, net, args.device) for key in methods}
         pairs = {"hann": ("gaussian", "hann"), "average": ("constant", "average"), "crop": ("constant", "average")}
         for library, mode in methods:
             median, ratio_monai, ratio_tio = medians[library, mode], "", ""
