@@ -183,8 +183,9 @@ class BlendPlan:
             scratch: memory the caller no longer needs (the network's input batch, once the network returned and
                 when no output aliases it), overwritten with the patch weights of ``average``/``hann`` when it fits.
 
-        Allocates nothing but, in the separable modes without a fitting ``scratch``, the plan's patch-sized weight
-        buffer at the first patch that needs it (``crop``: one patch-sized temporary only when the dtypes differ).
+        Allocates nothing but, in the separable modes, the store of built weights at the first patch whose weight
+        does not go into ``scratch`` (see :class:`~.patch_weights.PatchWeights`; ``crop``: one patch-sized temporary
+        only when the dtypes differ).
         """
         top = base + out.shape[out.ndim - len(self.out_shape)]
         try:
