@@ -32,9 +32,9 @@ class PatchWeights:
         lengths: per axis, the padded output length.
         dtype: the weights' dtype (the accumulator's).
 
-    Allocates per axis one vector per class; built weights go to a store of at most ``max(2^18, patch)`` elements
-    that is emptied when full, or, when one is larger than a quarter of that, into the caller's ``scratch`` if it
-    fits.
+    Allocates per axis one vector per class, and a store of ``max(2^18, patch)`` elements for built weights,
+    emptied when full; a weight of more than ``2^16`` elements goes into the caller's ``scratch`` instead when that
+    fits, so large patches built with a scratch at every call need no store at all.
     """
 
     def __init__(
