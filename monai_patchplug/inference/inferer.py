@@ -9,12 +9,12 @@ the network has returned).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import optional_import
@@ -28,8 +28,10 @@ from ..sampling.grid import (
     resolve_overlap,
 )
 from .aggregator import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
+from .distributed import check_same_on_ranks, reduce_sum_, resolve_group, share
 from .monai_args import overlap_from_fraction, sliding_window_settings
-from .scale_out import scale_out_call
+from .scale_out import allocate_destination, check_scale_out_options, item_runs, run_mask
+from .streaming import SlabWriter, check_destination
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -192,10 +194,7 @@ class GridInferer(Inferer):
         self.sw_device = sw_device
         self.progress = progress
         self.cache_roi_weight_map, self.buffer_steps, self.buffer_dim = cache_roi_weight_map, buffer_steps, buffer_dim
-        if postprocess is not None and not callable(postprocess):
-            raise TypeError(f"postprocess must be callable, got {type(postprocess).__name__}.")
-        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int | np.integer) or dst < 0):
-            raise ValueError(f"dst must be None or a rank (a non-negative int), got {dst!r}.")
+        check_scale_out_options(postprocess, dst)
         self.output, self.postprocess, self.roi_mask, self.fill_value = output, postprocess, roi_mask, float(fill_value)
         self.distributed, self.process_group, self.dst = bool(distributed), process_group, dst
         self._plans: dict[tuple, BlendPlan] = {}
@@ -264,43 +263,76 @@ class GridInferer(Inferer):
             KeyError: ``roi_mask`` names a keyword argument that was not passed.
             RuntimeError: sharding without an initialised process group; a collective that timed out.
         """
-        if any(v is not None for v in (self.output, self.postprocess, self.roi_mask, self.process_group)) or (
-            self.distributed
-        ):
-            return scale_out_call(self, inputs, network, args, kwargs)
+
         if inputs.ndim not in (4, 5):
             raise ValueError(f"GridInferer: inputs must be (B, C, H, W[, D]), got shape {tuple(inputs.shape)}.")
         spatial = tuple(int(s) for s in inputs.shape[2:])
+        n_items = int(inputs.shape[0])
         geometry = self.geometry(spatial)
-        mode, pad_kwargs = self.settings.pad if self.settings.pad is not None else ("constant", {})
+        settings = self.settings
+        group = resolve_group(self.distributed, self.process_group)
+        streaming = self.output is not None or self.postprocess is not None
+        if group is not None and streaming:
+            raise ValueError(
+                "GridInferer: output=/postprocess= (streaming) cannot be combined with distributed inference; use "
+                "dst=<rank> and postprocess the returned volume on that rank."
+            )
+        roi = self.roi_mask
+        if isinstance(roi, str):
+            if roi not in kwargs:
+                raise KeyError(
+                    f"GridInferer: roi_mask={roi!r} names a keyword argument of the call (not passed to the network), "
+                    f"e.g. inferer(image, network, {roi}=batch[{roi!r}]); none was given."
+                )
+            kwargs = dict(kwargs)
+            roi = kwargs.pop(self.roi_mask)
+        n_patches = geometry.num_patches
+        run = run_mask(roi, geometry, n_items)
+        if self.output is not None:
+            check_destination(self.output, (n_items,), len(spatial))
+        rank, world = 0, 1
+        if group is not None:
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+            what = "the input's shape (B, C, *spatial) and the number of patches to run"
+            check_same_on_ranks(group, [*inputs.shape, int(run.sum())], what)
+        todo = np.flatnonzero(run.reshape(-1))
+        mine = todo[share(len(todo), rank, world)].tolist()
+        probe = not mine  # no patch to run here: one network call on the first patch learns the output's structure
+        if probe:
+            mine = [0]
+
+        mode, pad_kwargs = settings.pad if settings.pad is not None else ("constant", {})
         images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         padded = pad_batch(images, geometry, mode, **pad_kwargs)
         corners = geometry.corner_array().tolist()
-        grid_index = np.stack(np.unravel_index(np.arange(geometry.num_patches), geometry.grid_shape), 1).tolist()
+        grid_index = np.stack(np.unravel_index(np.arange(n_patches), geometry.grid_shape), 1).tolist()
         boxes = [tuple(slice(c, c + p) for c, p in zip(corner, geometry.patch_size)) for corner in corners]
         sw_device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device
         device = torch.device(self.device) if self.device is not None else inputs.device
-        if self.settings.cpu_thresh is not None and math.prod(spatial) > self.settings.cpu_thresh:
-            device = torch.device("cpu")  # MONAI's cpu_thresh: stitch large inputs on the CPU
-        n_items, n_patches = inputs.shape[0], geometry.num_patches
-        total = n_items * n_patches
+        if settings.cpu_thresh is not None and int(np.prod(spatial)) > settings.cpu_thresh:
+            device = torch.device("cpu")
 
         plans: list[BlendPlan] = []
+        dtypes: list[torch.dtype] = []
+        channels: list[int] = []
         volumes: list[torch.Tensor] = []
+        writers: list[SlabWriter] = []
+        destination: Any = self.output
         rebuild: Callable[[list[torch.Tensor]], Any] = list
         buffer: torch.Tensor | None = None
-        starts: Iterable[int] = range(0, total, self.batch_size)
+        size = self.batch_size
+        starts: Iterable[int] = range(0, len(mine), size)
         if self.progress and has_tqdm:
-            starts = tqdm(starts, total=-(-total // self.batch_size), desc="GridInferer")
+            starts = tqdm(starts, total=-(-len(mine) // size), desc="GridInferer")
         for first in starts:
-            last = min(first + self.batch_size, total)
-            views = [padded[k // n_patches][(..., *boxes[k % n_patches])] for k in range(first, last)]
+            chunk = mine[first : first + size]
+            views = [padded[k // n_patches][(..., *boxes[k % n_patches])] for k in chunk]
             if padded.requires_grad:
                 window = torch.stack(views)
             else:  # one patch buffer for the whole run: fresh large allocations cost page faults on every batch
                 if buffer is None:
-                    buffer = padded.new_empty((min(self.batch_size, total), *padded.shape[1:2], *geometry.patch_size))
-                window = torch.stack(views, out=buffer[: last - first])
+                    buffer = padded.new_empty((min(size, len(mine)), *padded.shape[1:2], *geometry.patch_size))
+                window = torch.stack(views, out=buffer[: len(chunk)])
             outputs, rebuild = _flatten(network(window.to(sw_device), *args, **kwargs))
             scratch = reusable_input(buffer, outputs)
             if not plans:
@@ -309,24 +341,73 @@ class GridInferer(Inferer):
                     dtype = accumulator_dtype(self.overlap_mode, out.dtype)
                     plan = self.plan(geometry, out.shape[2:], device, dtype)
                     plans.append(plan)
-                    volumes.append(zeros_volume((n_items, out.shape[1], *plan.out_shape), dtype, device))
+                    dtypes.append(dtype)
+                    channels.append(int(out.shape[1]))
+                    if not streaming:
+                        volumes.append(zeros_volume((n_items, channels[-1], *plan.out_shape), dtype, device))
+                if streaming:
+                    if len(outputs) != 1 or not isinstance(rebuild([outputs[0]]), torch.Tensor):
+                        raise ValueError("GridInferer: output=/postprocess= need a network that returns one tensor.")
+                    if destination is None:
+                        destination = allocate_destination(self.postprocess, plans[0], channels[0], n_items, device)
+                    writers = [
+                        SlabWriter(
+                            plans[0],
+                            geometry.grid_shape,
+                            channels[0],
+                            dtypes[0],
+                            device,
+                            destination,
+                            (item,),
+                            self.postprocess,
+                            run[item].reshape(geometry.grid_shape),
+                            self.fill_value,
+                        )
+                        for item in range(n_items)
+                    ]
             elif len(outputs) != len(plans):
                 raise ValueError(f"GridInferer: the network returned {len(outputs)} outputs, earlier {len(plans)}.")
-            for out, plan, volume in zip(outputs, plans, volumes):
-                self._check_output(out, window, (volume.shape[1], *plan.out_patch))
+            if probe:
+                break
+            for o, (out, plan) in enumerate(zip(outputs, plans)):
+                self._check_output(out, window, (channels[o], *plan.out_patch))
                 out = out.as_tensor() if isinstance(out, MetaTensor) else out
-                out = out.to(device=device, dtype=volume.dtype)
-                for item in range(first // n_patches, (last - 1) // n_patches + 1):
-                    lo, hi = max(first, item * n_patches), min(last, (item + 1) * n_patches)
-                    rows = grid_index[lo - item * n_patches : hi - item * n_patches]
-                    plan.add(volume[item], out[lo - first : hi - first], rows, scratch=scratch)
-            del outputs, out  # free this batch's outputs before the network computes the next one
+                out = out.to(device=device, dtype=dtypes[o])
+                for item, lo, hi in item_runs(chunk, n_patches):
+                    index = [grid_index[k % n_patches] for k in chunk[lo:hi]]
+                    if writers:
+                        writers[item].add(out[lo:hi], index)
+                    else:
+                        plan.add(volumes[o][item], out[lo:hi], index, scratch=scratch)
+            del outputs, out  # free this batch's outputs before the network allocates the next ones
+
+        if streaming:
+            if not all(w.finished for w in writers):  # every segment's patches were added: cannot happen
+                raise RuntimeError("GridInferer: some output slabs were never finished.")
+            if self.output is None and isinstance(inputs, MetaTensor):
+                return MetaTensor(destination).copy_meta_from(inputs)
+            return destination
         results = []
-        for plan, volume in zip(plans, volumes):
+        fill = float(self.fill_value)
+        for o, (plan, volume) in enumerate(zip(plans, volumes)):
+            if fill != 0 and rank == 0 and not run.all():  # one rank adds the skipped patches' fill
+                value = torch.full((), fill, dtype=volume.dtype, device=volume.device)
+                for item in range(n_items):
+                    index = [grid_index[k] for k in np.flatnonzero(~run[item])]
+                    if index:
+                        plan.add(volume[item], value.expand(len(index), volume.shape[1], *plan.out_patch), index)
+            if group is not None:
+                what = f"output {o}'s shape and element size (ranks ran networks that disagree)"
+                check_same_on_ranks(group, [*volume.shape, volume.element_size()], what)
+                reduce_sum_(volume, group, self.dst)
+                if self.dst is not None and dist.get_rank() != self.dst:
+                    continue
             plan.normalise_(volume)
             if isinstance(inputs, MetaTensor):
                 volume = MetaTensor(volume).copy_meta_from(inputs)
             results.append(volume)
+        if group is not None and self.dst is not None and dist.get_rank() != self.dst:
+            return None
         return rebuild(results)
 
     @staticmethod
