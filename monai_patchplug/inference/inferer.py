@@ -60,7 +60,7 @@ def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[l
 
 def reusable_input(buffer: torch.Tensor | None, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """``buffer`` (the network's input batch, ours) when no output shares its memory, so that, the network having
-    returned, its memory can take the patch weights; else ``None``."""
+    returned, its memory can take the patch weights; else ``None``. Allocates nothing."""
     if buffer is None:
         return None
     address = buffer.untyped_storage().data_ptr()
@@ -206,7 +206,11 @@ class GridInferer(Inferer):
 
         Plans are kept between calls (a few per inferer, dropped when inputs of other shapes come), so repeated
         calls on inputs of one shape reuse the weights they built, except ``gaussian`` plans, which hold a
-        volume of summed weights.
+        volume of summed weights. Allocates a :class:`BlendPlan` when none is kept for this grid, output patch,
+        device and dtype.
+
+        Raises:
+            ValueError: an ``out_patch`` of another rank than the grid, or one that scales the volume to nothing.
         """
         key = (geometry, tuple(int(q) for q in out_patch), torch.device(device), dtype)
         plan = self._plans.get(key)

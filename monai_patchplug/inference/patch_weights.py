@@ -88,7 +88,8 @@ class PatchWeights:
 
         A number when it is constant there; else a tensor of the part's shape. A large weight (over a quarter of
         the store) is built in ``scratch`` when that is contiguous, of the weights' dtype and device and large
-        enough; it is then valid until :meth:`forget_scratch`.
+        enough; it is then valid until :meth:`forget_scratch`. Allocates the store at the first weight that goes
+        there (see the class), and nothing else but the small per-axis parts.
         """
         parts = [self._part(axis, j, s) for axis, (j, s) in enumerate(zip(index, src))]
         key = tuple(name for name, _, _ in parts)
