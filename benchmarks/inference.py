@@ -6,18 +6,24 @@ network call, two networks:
 (a) a 2-channel identity network (``cat([x, x])``), so the time is the patching and aggregation cost;
 (b) a small 3D conv net (1 -> 8 -> 8 -> 2 channels), a realistic share of network time.
 
-Times: every configuration is built in one process, warmed up once, then timed in N interleaved rounds (each round
-runs every row once, so machine noise hits all rows alike) under ``torch.no_grad()``; medians of
-``time.perf_counter``; ratios compare rows of the same network in this run. Memory: each configuration runs once more
-in its own subprocess. It first runs the same configuration on a small volume (so code pages, thread pools and
-lazily built state are in place, as in any process that has run inference before), hands freed heap memory back
-(glibc ``malloc_trim``) and resets the peak (``/proc/self/clear_refs``); "extra peak" is then the peak resident size
+With the identity network a "bare torch ops" row runs only the torch calls that any implementation holding one
+batch of patches makes: stack each batch into a buffer, call the network, ``addcmul_`` each output patch into the
+output with one weight tensor that stays in cache. It is the floor of the blending modes for such a design (ours
+adds the weights per grid position, the checks and the metadata), and it shows how far the blending modes can
+get against the anchors on the machine at hand.
+
+Times: every configuration is built in one process, warmed up once, then timed in N interleaved rounds (each round runs
+every row once, so machine noise hits all rows alike) under ``torch.no_grad()``; medians of ``time.perf_counter``; a
+ratio is the median over rounds of the anchor's time over ours in the same round. Memory: each configuration runs once
+more in its own subprocess. It first runs the same configuration on a small volume (so code pages, thread pools and
+lazily built state are in place, as in any process that has run inference before), hands freed heap memory back (glibc
+``malloc_trim``) and resets the peak (``/proc/self/clear_refs``); "extra peak" is then the peak resident size
 (``VmHWM``) during the full-size run minus the resident size just before it, and "minus output" subtracts the output
-volume (2 x 192^3 float32 = 54 MiB). The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps
-every buffer of 64 KiB or more on its own and unmaps it when freed, so the resident size counts the buffers alive,
-not what the allocator kept on its free lists (without it, rows move by multiples of the network's 8 MiB output
-from run to run). One batch of patches, the network's input and output (4 x 1 x 64^3 and
-4 x 2 x 64^3 float32), is 12 MiB. TorchIO is optional: without it its rows are skipped with a note.
+volume (2 x 192^3 float32 = 54 MiB). The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps every
+buffer of 64 KiB or more on its own and unmaps it when freed, so the resident size counts the buffers alive, not what
+the allocator kept on its free lists (without it, rows move by multiples of the network's 8 MiB output from run to run).
+One batch of patches, the network's input and output (4 x 1 x 64^3 and 4 x 2 x 64^3 float32), is 12 MiB. TorchIO is
+optional: without it its rows are skipped with a note.
 
 Run from the repository root::
 
@@ -47,6 +53,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 import monai_patchplug as mpp
+from monai_patchplug.inference.aggregator import zeros_volume
 
 # (library, our mode / MONAI mode / TorchIO mode), in table order; the label pairs rows that do the same blending
 METHODS = [
@@ -58,6 +65,9 @@ METHODS = [
     ("torchio", "average"),
     ("GridInferer", "crop"),
 ]
+#: identity network only: the bare torch ops any implementation that adds each patch into the output as it comes
+#: must run (see :func:`bare_ops_runner`)
+FLOOR = ("bare torch ops", "hann")
 NETS = ["identity", "conv"]
 HAS_TORCHIO = importlib.util.find_spec("torchio") is not None
 
@@ -94,6 +104,8 @@ def make_runner(
     if library == "GridInferer":
         inferer = mpp.GridInferer(patch, overlap, mode, batch_size=batch)
         return lambda: inferer(image, network)
+    if library == FLOOR[0]:
+        return bare_ops_runner(network, image, patch, overlap, batch)
     if library == "SlidingWindowInferer":
         sw = SlidingWindowInferer(patch, sw_batch_size=batch, overlap=overlap / patch, mode=mode)
         return lambda: sw(image, network)
@@ -107,6 +119,36 @@ def make_runner(
         for batch_ in torch.utils.data.DataLoader(sampler, batch_size=batch, collate_fn=_torchio_collate):
             aggregator.add_batch(network(batch_[0].to(image.device)), batch_[1])
         return aggregator.get_output_tensor()
+
+    return run
+
+
+def bare_ops_runner(
+    network: Callable, image: torch.Tensor, patch: int, overlap: int, batch: int
+) -> Callable[[], torch.Tensor]:
+    """The floor of the blending modes for a design that holds one batch of patches: per batch, stack the patches
+    into one reused buffer, call the network, and ``addcmul_`` each output patch into a zeroed output volume
+    (allocated as ours is) with one fixed weight tensor that stays in cache. No checks, no weight building, no
+    normalising, no metadata, so its output is not a blend (only its time and memory mean something); ours does
+    all of that on top."""
+    spatial = image.shape[2:]
+    axes = [sorted({*range(0, s - patch + 1, patch - overlap), s - patch}) for s in spatial]
+    corners = [tuple(c) for c in torch.cartesian_prod(*[torch.tensor(a) for a in axes]).reshape(-1, len(axes)).tolist()]
+    weight = torch.ones((patch,) * len(spatial), device=image.device)
+
+    def run() -> torch.Tensor:
+        buffer = torch.empty(batch, *image.shape[1:2], *weight.shape, device=image.device)
+        out = None
+        for first in range(0, len(corners), batch):
+            chunk = corners[first : first + batch]
+            boxes = [tuple(slice(c, c + patch) for c in corner) for corner in chunk]
+            window = torch.stack([image[(0, ..., *box)] for box in boxes], out=buffer[: len(chunk)])
+            prediction = network(window)
+            if out is None:
+                out = zeros_volume((prediction.shape[1], *spatial), prediction.dtype, image.device)
+            for patch_out, box in zip(prediction, boxes):
+                out[(..., *box)].addcmul_(patch_out, weight)
+        return out
 
     return run
 
@@ -149,8 +191,8 @@ def build(
 
 
 def time_interleaved(runners: dict, repeats: int, device: str = "cpu") -> tuple[dict, dict]:
-    """Per runner, the median seconds of a run and of the part of it spent outside the network; rounds interleave
-    the runners so machine noise hits every row alike."""
+    """Per runner, the seconds of each round's run and of the part of it spent outside the network; rounds
+    interleave the runners so machine noise hits every row alike."""
     times: dict = {key: [] for key in runners}
     outside: dict = {key: [] for key in runners}
     with torch.no_grad():
@@ -165,7 +207,13 @@ def time_interleaved(runners: dict, repeats: int, device: str = "cpu") -> tuple[
                 _sync(device)
                 times[key].append(time.perf_counter() - start)
                 outside[key].append(times[key][-1] - network.seconds)
-    return {k: statistics.median(t) for k, t in times.items()}, {k: statistics.median(t) for k, t in outside.items()}
+    return times, outside
+
+
+def paired_ratio(anchor: list[float], ours: list[float]) -> float:
+    """The median over rounds of the anchor's time over ours in the same round: the load of a shared machine drifts
+    between rounds (by up to 2x here), and a ratio within a round cancels most of it."""
+    return statistics.median(a / o for a, o in zip(anchor, ours))
 
 
 def _release_and_reset_peak() -> None:
@@ -237,7 +285,8 @@ def main() -> int:
         f"the run, after a warm-up (1-channel input; output alone: "
         f"{out_mib:.1f} MiB; one batch of patches, network input + output: {batch_mib:.1f} MiB)"
     )
-    print("# outside the network: the run's time minus the time spent inside the network's calls (same medians)")
+    print("# ratios: median over rounds of the anchor's time over ours in the same round")
+    print("# outside the network: the run's time minus the time spent inside the network's calls (median)")
     print()
     print(
         "| network | method | mode | median (s) | MONAI / ours | TorchIO / ours | outside the network (s) | "
@@ -246,22 +295,24 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for net in NETS:
         methods = [(lib, mode) for lib, mode in METHODS if lib != "torchio" or HAS_TORCHIO]
+        if net == "identity":
+            methods.insert(3, FLOOR)
         runners = {key: build(*key, net, size, patch, overlap, batch, args.device) for key in methods}
-        medians, outside = time_interleaved(runners, repeats, args.device)
+        rounds, outside = time_interleaved(runners, repeats, args.device)
         del runners
         memory = {key: float("nan") if args.quick else in_child(*key, net, args.device) for key in methods}
         pairs = {"hann": ("gaussian", "hann"), "average": ("constant", "average"), "crop": ("constant", "average")}
         for library, mode in methods:
-            median, ratio_monai, ratio_tio = medians[library, mode], "", ""
-            if library == "GridInferer":
+            median, ratio_monai, ratio_tio = statistics.median(rounds[library, mode]), "", ""
+            if library in ("GridInferer", FLOOR[0]):
                 m, t = pairs[mode]
-                ratio_monai = f"{medians['SlidingWindowInferer', m] / median:.2f}x"
-                if ("torchio", t) in medians:
-                    ratio_tio = f"{medians['torchio', t] / median:.2f}x"
+                ratio_monai = f"{paired_ratio(rounds['SlidingWindowInferer', m], rounds[library, mode]):.2f}x"
+                if ("torchio", t) in rounds:
+                    ratio_tio = f"{paired_ratio(rounds['torchio', t], rounds[library, mode]):.2f}x"
             extra = memory[library, mode]
             print(
                 f"| {net} | {library} | {mode} | {median:.3f} | {ratio_monai} | {ratio_tio} | "
-                f"{outside[library, mode]:.3f} | {extra:.0f} | {extra - out_mib:.0f} |"
+                f"{statistics.median(outside[library, mode]):.3f} | {extra:.0f} | {extra - out_mib:.0f} |"
             )
     return 0
 
