@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,11 +58,23 @@ def test_pointwise_network_reconstructs_the_input(case, mode):
 
 
 @pytest.mark.parametrize("mode", ["average", "hann"])
-@pytest.mark.parametrize("network", [lambda x: x, lambda x: x.mul_(2).sub_(1), lambda x: (x[:, :1], x * 2)])
-def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(mode, network):
-    """The patch weights are built in the input batch's buffer once the network returned, unless an output shares
-    its memory (returned as is, changed in place, or a view of it)."""
-    x = torch.randn(2, 1, 19, 17, 13)
+@pytest.mark.parametrize(
+    "network",
+    [
+        lambda x: x,
+        lambda x: x.mul_(2).sub_(1),
+        lambda x: (x[:, :1], x * 2),
+        lambda x: torch.from_numpy(x.numpy()[:, 1:]),
+        lambda x: torch.from_dlpack(x[:, 1:]),
+    ],
+)
+@torch.no_grad()
+def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(mode, network, monkeypatch):
+    """The patch weights are built in the input batch's buffer once the network returned (with a store of 64
+    elements, every weight here), unless an output shares its memory: returned as is, changed in place, a view of
+    it, or a view made through numpy or DLPack."""
+    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
+    x = torch.randn(2, 2, 19, 17, 13)
     expected = network(x.clone())
     out = mpp.GridInferer((8, 7, 6), (3, 2, 3), mode, batch_size=3)(x, network)
     for ours, theirs in zip(
@@ -70,6 +84,20 @@ def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(m
 
 
 @pytest.mark.parametrize("mode", ["average", "hann"])
+@pytest.mark.parametrize("through", [lambda a: torch.from_numpy(a.numpy()), torch.from_dlpack])
+@torch.no_grad()
+def test_a_view_that_starts_inside_the_input_batch_is_not_overwritten_by_the_weights(mode, through, monkeypatch):
+    """The centre of each patch, seen through numpy or DLPack: a storage of its own that starts inside the batch's
+    buffer, within the first weight's extent (a store of 64 elements sends the 6^3 weights there)."""
+    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
+    x = torch.randn(1, 1, 20, 16, 16)
+    inferer = mpp.GridInferer(8, 4, mode, batch_size=3)
+    view = inferer(x, lambda p: through(p[:, :, 1:-1, 1:-1, 1:-1]))
+    assert torch.equal(view, inferer(x, lambda p: p[:, :, 1:-1, 1:-1, 1:-1].clone()))
+
+
+@pytest.mark.parametrize("mode", ["average", "hann"])
+@torch.no_grad()
 def test_weights_built_in_the_input_batch_are_rebuilt_for_every_batch(mode, monkeypatch):
     """With a store of 64 elements every 5x6x4 weight is large and goes into the spent input batch, which the next
     batch overwrites; runs of patches with one weight cross batch boundaries (4 positions along the last axis,
@@ -96,6 +124,28 @@ def test_an_inferer_reused_across_shapes_and_outputs_gives_what_a_fresh_one_give
         ours, fresh = inferer(x, net), mpp.GridInferer(40, (15, 12, 9), mode, batch_size=3)(x, net)
         assert torch.equal(ours["a"], fresh["a"]) and torch.equal(ours["b"], fresh["b"])
         torch.testing.assert_close(ours["a"], pointwise(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [*MODES, "gaussian"])
+@pytest.mark.parametrize("store", [1 << 18, 64])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_gradients_reach_the_network_and_the_input(mode, store, input_grad, monkeypatch):
+    """As through MONAI's inferer. Autograd keeps each batch (the conv's input) and each patch weight it multiplied,
+    so neither may be overwritten by a later batch or weight (the batch buffer and the weight store are reused in
+    place without autograd). A 1x1x1 conv is pointwise, so the result is ``a * x + b`` and the gradients of its sum
+    are known; the second store size sends the weights to the scratch path."""
+    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", store)
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 1, 1)
+    x = torch.randn(1, 1, 19, 17, 13, requires_grad=input_grad)
+    out = mpp.GridInferer((8, 7, 6), (3, 2, 3), mode, batch_size=2)(x, net)
+    out.sum().backward()
+    a = net.weight.detach().reshape(())
+    torch.testing.assert_close(out.detach(), a * x.detach() + net.bias.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.weight.grad.reshape(()), x.detach().sum(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(net.bias.grad.reshape(()), torch.tensor(float(x.numel())), rtol=1e-5, atol=1e-2)
+    if input_grad:
+        torch.testing.assert_close(x.grad, a.expand_as(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])
@@ -147,6 +197,18 @@ def test_structures_channels_scaling_args_and_dtypes_are_kept():
     assert isinstance(tup, tuple) and torch.allclose(tup[1], -x, atol=1e-5)
     lst = mpp.GridInferer(8, 2, batch_size=2)(x, lambda p: [p])
     assert isinstance(lst, list) and torch.allclose(lst[0], x, atol=1e-5)
+    pair = collections.namedtuple("Pair", ["seg", "aux"])
+    named = mpp.GridInferer(8, 2, batch_size=2)(x, lambda p: pair(p, -p))
+    assert type(named) is pair and torch.allclose(named.aux, -x, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [*MODES, "gaussian"])
+def test_a_mode_changed_after_a_call_is_not_served_from_kept_plans(mode):
+    x = torch.randn(1, 1, 20, 18, 16)
+    inferer = mpp.GridInferer(8, 4, "hann" if mode != "hann" else "crop", batch_size=2)
+    inferer(x, pointwise)
+    inferer.overlap_mode = mode
+    assert torch.equal(inferer(x, pointwise), mpp.GridInferer(8, 4, mode, batch_size=2)(x, pointwise))
 
 
 def test_input_smaller_than_the_patch_is_padded_and_cropped_back_in_2d():
@@ -224,3 +286,5 @@ def test_bad_arguments_and_outputs_are_clear_errors():
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: p[0])
     with pytest.raises(TypeError, match="str"):
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: "no")
+    with pytest.raises(TypeError, match=r"tuple \(empty\)"):
+        inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: ())

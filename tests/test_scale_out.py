@@ -171,6 +171,31 @@ def test_aggregator_streams_in_sampler_order_and_checks_all_patches():
         aggregator.get_output_tensor()
 
 
+@pytest.mark.parametrize(
+    ("mode", "network"),
+    [
+        ("crop", lambda p: (p * 1e9).long()),  # int64 beyond float32's 24-bit mantissa
+        ("hann", lambda p: p.double()),
+        ("crop", lambda p: p > 0),  # ``~`` takes only integer and bool slabs
+    ],
+)
+def test_postprocess_without_output_gets_and_returns_the_accumulator_dtype(mode, network):
+    """The destination that ``postprocess`` fills is allocated from a dry run on a slab of the accumulator's dtype,
+    so an identity postprocess gives what no postprocess gives, of the same dtype, for the inferer and the
+    aggregator."""
+    x = torch.randn(1, 1, 12, 10, 8) * 1e-3 + 1
+    flip = (lambda s: ~s) if network(x).dtype == torch.bool else (lambda s: s)
+    expected = flip(mpp.GridInferer(4, 2, mode)(x, network))
+    ours = mpp.GridInferer(4, 2, mode, postprocess=flip)(x, network)
+    assert ours.dtype == expected.dtype and torch.equal(ours, expected)
+    sampler = mpp.GridSampler(4, 2)
+    aggregator = mpp.GridAggregator(sampler, mode, postprocess=flip)
+    for p in sampler({"image": x[0]}):
+        aggregator.add_batch(network(p["image"][None]), p[mpp.LOCATION][None])
+    result = aggregator.get_output_tensor()
+    assert result.dtype == expected.dtype and torch.equal(result, expected[0])
+
+
 def test_bad_destinations_are_clear_errors_before_anything_is_written():
     x = torch.randn(2, 1, 16, 16, 16)
     net = Counting(pointwise)

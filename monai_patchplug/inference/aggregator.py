@@ -185,9 +185,11 @@ class BlendPlan:
 
         Allocates nothing but, in the separable modes, the store of built weights at the first patch whose weight
         does not go into ``scratch`` (see :class:`~.patch_weights.PatchWeights`; ``crop``: one patch-sized temporary
-        only when the dtypes differ).
+        only when the dtypes differ); when autograd records the adds (``patches`` require grad), a new tensor per
+        patch weight, which autograd keeps for the backward pass.
         """
         top = base + out.shape[out.ndim - len(self.out_shape)]
+        fresh = torch.is_grad_enabled() and patches.requires_grad  # autograd keeps the weights it multiplies
         try:
             for patch, index in zip(patches, grid_index):
                 box = self._box(index, base, top)
@@ -201,7 +203,7 @@ class BlendPlan:
                     target.addcmul_(values, self.weight[src])
                 else:
                     assert self.patch_weights is not None
-                    weight = self.patch_weights.get(index, src, scratch)
+                    weight = self.patch_weights.get(index, src, scratch, fresh)
                     if isinstance(weight, float):
                         target.add_(values, alpha=weight)
                     else:

@@ -9,7 +9,7 @@ the network has returned).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -49,22 +49,35 @@ def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[l
     if isinstance(output, Mapping):
         keys = list(output)
         return [output[k] for k in keys], lambda items: dict(zip(keys, items))
-    if isinstance(output, tuple | list) and all(isinstance(t, torch.Tensor) for t in output):
+    if isinstance(output, tuple | list) and output and all(isinstance(t, torch.Tensor) for t in output):
         kind = type(output)
+        if hasattr(output, "_fields"):  # a namedtuple takes its fields as arguments
+            return list(output), lambda items: kind(*items)
         return list(output), lambda items: kind(items)
     raise TypeError(
-        "GridInferer: the network must return a tensor, a tuple/list or a dict of tensors, "
-        f"got {type(output).__name__}."
+        "GridInferer: the network must return a tensor, or a non-empty tuple/list or dict of tensors, "
+        f"got {type(output).__name__}{' (empty)' if isinstance(output, Sized) and not len(output) else ''}."
     )
 
 
 def reusable_input(buffer: torch.Tensor | None, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """``buffer`` (the network's input batch, ours) when no output shares its memory, so that, the network having
-    returned, its memory can take the patch weights; else ``None``. Allocates nothing."""
+    """``buffer`` (the network's input batch, ours) when no output's memory overlaps it, so that, the network having
+    returned, its memory can take the patch weights; else ``None``. Compares the storages' address ranges, so views
+    made through numpy or DLPack (a storage of their own inside the buffer's) count too. Allocates nothing."""
     if buffer is None:
         return None
-    address = buffer.untyped_storage().data_ptr()
-    return None if any(o.untyped_storage().data_ptr() == address for o in outputs) else buffer
+    start, stop = _address_range(buffer)
+    for o in outputs:
+        lo, hi = _address_range(o)
+        if lo < stop and start < hi and o.device == buffer.device:
+            return None
+    return buffer
+
+
+def _address_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """The ``[start, stop)`` addresses of ``tensor``'s storage."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
 class GridInferer(Inferer):
@@ -212,7 +225,9 @@ class GridInferer(Inferer):
         Raises:
             ValueError: an ``out_patch`` of another rank than the grid, or one that scales the volume to nothing.
         """
-        key = (geometry, tuple(int(q) for q in out_patch), torch.device(device), dtype)
+        sigma = self.settings.sigma_scale
+        sigma = tuple(sigma) if isinstance(sigma, Sequence) else sigma
+        key = (geometry, self.overlap_mode, sigma, tuple(int(q) for q in out_patch), torch.device(device), dtype)
         plan = self._plans.get(key)
         if plan is None:
             plan = BlendPlan(geometry, self.overlap_mode, out_patch, device, dtype, self.settings.sigma_scale)
@@ -324,6 +339,7 @@ class GridInferer(Inferer):
         destination: Any = self.output
         rebuild: Callable[[list[torch.Tensor]], Any] = list
         buffer: torch.Tensor | None = None
+        graph = torch.is_grad_enabled()  # until a batch's outputs show that autograd records nothing
         size = self.batch_size
         starts: Iterable[int] = range(0, len(mine), size)
         if self.progress and has_tqdm:
@@ -331,13 +347,14 @@ class GridInferer(Inferer):
         for first in starts:
             chunk = mine[first : first + size]
             views = [padded[k // n_patches][(..., *boxes[k % n_patches])] for k in chunk]
-            if padded.requires_grad:
+            if graph:  # autograd may keep each batch for the backward pass
                 window = torch.stack(views)
             else:  # one patch buffer for the whole run: fresh large allocations cost page faults on every batch
                 if buffer is None:
                     buffer = padded.new_empty((min(size, len(mine)), *padded.shape[1:2], *geometry.patch_size))
                 window = torch.stack(views, out=buffer[: len(chunk)])
             outputs, rebuild = _flatten(network(window.to(sw_device), *args, **kwargs))
+            graph = graph and any(o.requires_grad for o in outputs)  # else autograd recorded nothing: reuse the batch
             scratch = reusable_input(buffer, outputs)
             if not plans:
                 for out in outputs:
@@ -353,7 +370,9 @@ class GridInferer(Inferer):
                     if len(outputs) != 1 or not isinstance(rebuild([outputs[0]]), torch.Tensor):
                         raise ValueError("GridInferer: output=/postprocess= need a network that returns one tensor.")
                     if destination is None:
-                        destination = allocate_destination(self.postprocess, plans[0], channels[0], n_items, device)
+                        destination = allocate_destination(
+                            self.postprocess, plans[0], channels[0], n_items, device, dtypes[0]
+                        )
                     writers = [
                         SlabWriter(
                             plans[0],

@@ -65,7 +65,7 @@ class PatchWeights:
             self.classes.append(classes)
             self.vectors.append([torch.from_numpy(v).to(self.device) for v in vectors])
         self._parts: dict[tuple[int, int, int, int], tuple[torch.Tensor, float | None]] = {}
-        self._built: dict[tuple, torch.Tensor | float] = {}
+        self._built: dict[tuple, torch.Tensor] = {}
         self._store: torch.Tensor | None = None
         self._used = 0
         self._scratch_key: tuple | None = None
@@ -82,27 +82,30 @@ class PatchWeights:
         return (key, *part)
 
     def get(
-        self, index: Sequence[int], src: Sequence[slice], scratch: torch.Tensor | None = None
+        self, index: Sequence[int], src: Sequence[slice], scratch: torch.Tensor | None = None, fresh: bool = False
     ) -> torch.Tensor | float:
         """The weight of the patch at grid ``index`` over its part ``src`` (per-axis slices of the patch).
 
         A number when it is constant there; else a tensor of the part's shape. A large weight (over a quarter of
         the store) is built in ``scratch`` when that is contiguous, of the weights' dtype and device and large
         enough; it is then valid until :meth:`forget_scratch`. Allocates the store at the first weight that goes
-        there (see the class), and nothing else but the small per-axis parts.
+        there (see the class), and nothing else but the small per-axis parts; with ``fresh``, a new tensor for every
+        weight that is not a number instead (for autograd to keep for the backward pass: the store and the scratch
+        are overwritten in place).
         """
         parts = [self._part(axis, j, s) for axis, (j, s) in enumerate(zip(index, src))]
         key = tuple(name for name, _, _ in parts)
+        if all(c is not None for _, _, c in parts):
+            return math.prod(c for _, _, c in parts)
+        vectors = [v for _, v, _ in parts]
+        shape = [len(v) for v in vectors]
+        if fresh:
+            return _outer(vectors, torch.empty(shape, dtype=self.dtype, device=self.device))
         if key == self._scratch_key:
             return self._scratch_weight
         weight = self._built.get(key)
         if weight is not None:
             return weight
-        if all(c is not None for _, _, c in parts):
-            weight = self._built[key] = math.prod(c for _, _, c in parts)
-            return weight
-        vectors = [v for _, v, _ in parts]
-        shape = [len(v) for v in vectors]
         numel = math.prod(shape)
         if numel > _STORE_ELEMENTS // 4 and self._fits(scratch, numel):
             assert scratch is not None
@@ -111,7 +114,7 @@ class PatchWeights:
         if self._store is None or self._used + numel > self._store.numel():
             if self._store is None or self._store.numel() < numel:
                 self._store = torch.empty(max(numel, _STORE_ELEMENTS), dtype=self.dtype, device=self.device)
-            self._built = {k: w for k, w in self._built.items() if isinstance(w, float)}
+            self._built = {}
             self._used = 0
         weight = self._built[key] = _outer(vectors, self._store[self._used : self._used + numel].view(shape))
         self._used += numel

@@ -63,10 +63,11 @@ def allocate_destination(
     channels: int,
     n_items: int,
     device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """A ``(B, C', *out_shape)`` tensor for ``postprocess``'s slabs, its channels and dtype read from a dry run on
-    one output row (allocated with calloc on the CPU)."""
-    probe = torch.zeros((channels, 1, *plan.out_shape[1:]), device=device)
+    one output row of the accumulator's ``dtype`` (allocated with calloc on the CPU)."""
+    probe = torch.zeros((channels, 1, *plan.out_shape[1:]), dtype=dtype, device=device)
     sample = torch.as_tensor(postprocess(probe) if postprocess is not None else probe)
     if sample.ndim != len(plan.out_shape) + 1:
         raise ValueError(
@@ -124,7 +125,7 @@ class AggregationSink:
             return zeros_volume((self.channels, *plan.out_shape), dtype, self.device)
         destination = self.output
         if destination is None:
-            destination = allocate_destination(self.postprocess, plan, self.channels, 1, self.device)[0]
+            destination = allocate_destination(self.postprocess, plan, self.channels, 1, self.device, dtype)[0]
         check_destination(destination, (), len(plan.out_shape), "GridAggregator")
         self.writer = SlabWriter(
             plan, geometry.grid_shape, self.channels, dtype, self.device, destination, (), self.postprocess,
