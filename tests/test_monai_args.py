@@ -84,6 +84,23 @@ def test_pos_neg_ratio(data):
     assert_frequencies(np.asarray([fg.sum()]), np.asarray([0.75]), len(fg))
 
 
+@pytest.mark.parametrize("target", ["RandCropByPosNegLabeld", "RandCropByLabelClassesd"])
+def test_monai_defaults_without_a_mode_argument(data, target):
+    """Only MONAI's names, none of pos/neg/ratios/num_classes: MONAI's defaults. RandCropByPosNegLabeld's pos = neg
+    = 1 on a single-channel map; RandCropByLabelClassesd's equal odds per channel on a one-hot map."""
+    config = {"_target_": target, "keys": ["image", "label"], "label_key": "label", "spatial_size": [5, 5, 5],
+              "num_samples": 3000}
+    if target == "RandCropByPosNegLabeld":
+        patches = swap(config, "monai_patchplug.LabelSampler")[1].set_random_state(0)(data)
+        fg = centre_values(patches) > 0
+        assert_frequencies(np.asarray([fg.sum()]), np.asarray([0.5]), len(fg))
+        return
+    one_hot = {**data, "label": MetaTensor(torch.nn.functional.one_hot(data["label"][0].long(), 4).permute(3, 0, 1, 2))}
+    patches = swap(config, "monai_patchplug.LabelSampler")[1].set_random_state(0)(one_hot)
+    classes = [int(p["label"][(slice(None), 2, 2, 2)].argmax()) for p in patches]
+    assert_frequencies(np.bincount(classes, minlength=4), np.full(4, 0.25), len(patches))
+
+
 def test_pos_neg_image_threshold_restricts_centres(data):
     config = {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label",
               "spatial_size": [6, 6, 6], "pos": 0, "neg": 1, "num_samples": 300, "image_key": "image",
@@ -134,6 +151,7 @@ def test_allow_smaller_matches_monai_shape(data):
     "cls, kwargs, match",
     [(mpp.UniformSampler, {"roi_size": 8, "random_size": True}, "random_size"),
      (mpp.UniformSampler, {"patch_size": 8, "roi_size": 6}, "not both"),
+     (mpp.UniformSampler, {"patch_size": (8, 8, 8), "roi_size": np.array([8, 8, 6])}, "not both"),
      (mpp.LabelSampler, {"patch_size": 8, "label_probabilities": {1: 1}, "pos": 1}, "not both"),
      (mpp.LabelSampler, {"patch_size": 8, "ratios": [1, 2], "num_classes": 3}, "num_classes=3"),
      (mpp.LabelSampler, {"patch_size": 8, "pos": 0, "neg": 0}, "both be 0"),
@@ -143,6 +161,21 @@ def test_allow_smaller_matches_monai_shape(data):
 def test_conflicting_or_unsupported_arguments(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+def test_one_value_under_both_names_is_no_conflict():
+    for ours, theirs in [((8, 8, 6), [8, 8, 6]), (np.array([8, 8, 6]), np.array([8, 8, 6])), (8, 8)]:
+        assert mpp.UniformSampler(patch_size=ours, roi_size=theirs).patch_size in ((8, 8, 6), (8, 8, 8))
+    assert mpp.UniformSampler(roi_size=-1).patch_size == (-1, -1, -1)  # MONAI's "the image size"
+    assert mpp.LabelSampler(6, label_name="seg", label_key="seg").label_name == "seg"
+
+
+def test_image_key_of_another_shape_is_an_error(data):
+    """The image that restricts the centres is not among the cropped keys, so only this check sees its shape."""
+    sampler = mpp.LabelSampler(keys="label", label_key="label", spatial_size=4, pos=1, neg=1, image_key="image")
+    with pytest.raises(ValueError, match=r"image_key 'image' has spatial shape \(30, 28, 12\), the label map "
+                       r"\(30, 28, 24\)"):
+        sampler({**data, "image": data["image"][..., :12]})
 
 
 def test_bundle_style_pipeline_with_swapped_sampler(tmp_path):

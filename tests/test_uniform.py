@@ -115,7 +115,7 @@ def test_input_never_mutated(subject):
 
 def test_2d_images_and_torchio_2d_patch_size():
     img = torch.arange(60.0).reshape(1, 10, 6)
-    for size in (4, (4, 3), (4, 3, 1)):
+    for size in (4, (4, 3), (4, 3, 1), np.array([4, 3]), torch.tensor([4, 3])):
         patch = mpp.UniformSampler(size).set_random_state(0)({"img": img})
         loc = patch[mpp.LOCATION]
         assert loc.shape == (4,)

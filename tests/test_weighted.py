@@ -41,6 +41,19 @@ def test_centres_in_proportion_to_the_map(dtype):
     assert_frequencies(counts, expected / expected.sum(), n)
 
 
+def test_finite_weights_whose_row_sums_overflow_float32_keep_their_proportions():
+    """Weights near float32's maximum: row sums that overflow float32 are summed again in float64."""
+    shape, size = (8, 9, 10), (3, 4, 5)
+    prob = torch.full((1, *shape), 1e38, dtype=torch.float32)
+    prob[0, 4, 4, 4] = 3e38
+    n = 6000
+    got = centres(mpp.WeightedSampler(size, "prob", num_samples=n).set_random_state(0)({"prob": prob}), size)
+    valid = 6 * 6 * 6
+    hits = (got == (4, 4, 4)).all(1).sum()
+    assert_frequencies(np.asarray([hits]), np.asarray([3 / (valid + 2)]), n)
+    assert len(np.unique(got, axis=0)) == valid
+
+
 def test_bool_map_and_2d():
     prob = torch.zeros(1, 9, 7, dtype=torch.bool)
     prob[0, 3, 2] = prob[0, 5, 5] = True

@@ -94,9 +94,11 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             raise TypeError(f"{type(self).__name__}: patch_size is required.")
         self.fill_non_positive = bool(fill_non_positive)
         checked = fill_patch_size(patch_size, None) if self.fill_non_positive else patch_size
-        resolve_patch_size(checked, len(checked) if isinstance(checked, Sequence) else 3)
-        if isinstance(patch_size, Sequence) and len(patch_size) not in (2, 3):
-            raise ValueError(f"patch_size must be an int or 2 or 3 ints, got {tuple(patch_size)!r}.")
+        several = isinstance(checked, Sequence) or is_array(checked)
+        count = np.asarray(checked).size if several else 3
+        resolve_patch_size(checked, count)
+        if several and count not in (2, 3):
+            raise ValueError(f"patch_size must be an int or 2 or 3 ints, got {patch_size!r}.")
         self._patch_size = patch_size
         self.allow_smaller = bool(allow_smaller)
         self.keys: tuple[Hashable, ...] | None = None if keys is None else ensure_tuple(keys)
@@ -115,6 +117,8 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         """The patch size: a 3-tuple for an int, else the given values as a tuple of ints."""
         if isinstance(self._patch_size, Sequence) or is_array(self._patch_size):
             return tuple(int(v) for v in np.asarray(self._patch_size).ravel())
+        if self.fill_non_positive and int(self._patch_size) <= 0:  # MONAI's roi_size=-1: the image size per axis
+            return (int(self._patch_size),) * 3
         return parse_spatial_shape(self._patch_size)
 
     # -- what a subclass provides -------------------------------------------------------------------------------

@@ -103,9 +103,11 @@ class LabelSampler(PatchSampler):
 
     MONAI's arguments (``RandCropByPosNegLabeld``, ``RandCropByLabelClassesd``) are accepted with their meaning:
     ``pos``/``neg`` draw foreground (as above) vs background in that ratio; ``ratios``/``num_classes`` are label
-    probabilities for labels (or one-hot channels) ``0 .. num_classes - 1``; ``image_key`` restricts centres to
-    voxels where some channel of that image is ``> image_threshold``, as MONAI's index maps do: the background only
-    with ``pos``/``neg``, every class with ``ratios``;
+    probabilities for labels (or one-hot channels) ``0 .. num_classes - 1``; with MONAI's names
+    (``spatial_size``/``label_key``) and none of these, MONAI's defaults: ``pos = neg = 1`` for a single-channel map
+    (``RandCropByPosNegLabeld``), every channel equally likely for a one-hot map (``RandCropByLabelClassesd``);
+    ``image_key`` restricts centres to voxels where some channel of that image is ``> image_threshold``, as MONAI's
+    index maps do: the background only with ``pos``/``neg``, every class with ``ratios``;
     ``fg_indices_key``/``bg_indices_key``/``indices_key`` name precomputed flat index lists in the data
     (``FgBgToIndicesd``, ``ClassesToIndicesd``), used instead of the label map and not copied to the patches.
     Unlike MONAI, centres are never clamped into the border: an index that is not a valid centre is skipped.
@@ -173,6 +175,8 @@ class LabelSampler(PatchSampler):
             raise ValueError(f"LabelSampler: give one of {' or '.join(modes)}, not both.")
         monai = spatial_size is not None or label_key is not None or pos_neg_mode or class_mode
         kwargs["num_samples"] = monai_num_samples(kwargs.get("num_samples"), monai)
+        #: MONAI's names without a mode argument: MONAI's defaults (see :meth:`_classes`)
+        self.monai_defaults = monai and not modes
         super().__init__(size, fill_non_positive=fill, **kwargs)
         self.label_name = pick("label_name", label_name, "label_key", label_key)
         self.pos_neg = (
@@ -215,10 +219,13 @@ class LabelSampler(PatchSampler):
         """``(name, probability, mask)`` for each class with a positive probability; masks are bool volumes."""
         one_hot = labels.shape[0] > 1
         if self.label_probabilities is None:
+            if self.monai_defaults and one_hot:  # RandCropByLabelClassesd: every channel equally likely
+                return [(label, 1.0, labels[label] != 0) for label in range(labels.shape[0])]
             foreground = (labels[1:] != 0).any(0) if one_hot else labels[0] > 0
-            if self.pos_neg is None:
+            pos_neg = (1.0, 1.0) if self.monai_defaults else self.pos_neg  # RandCropByPosNegLabeld: pos = neg = 1
+            if pos_neg is None:
                 return [("foreground", 1.0, foreground)]
-            return [("foreground", self.pos_neg[0], foreground), ("background", self.pos_neg[1], ~foreground)]
+            return [("foreground", pos_neg[0], foreground), ("background", pos_neg[1], ~foreground)]
         out = []
         for label, p in self.label_probabilities.items():
             if p <= 0:
@@ -246,7 +253,13 @@ class LabelSampler(PatchSampler):
         labels = valid_region(host_array(data[self.map_key(data)]), patch_size)
         inside = None
         if self.image_key is not None:
-            inside = (valid_region(host_array(data[self.image_key]), patch_size) > self.image_threshold).any(0)
+            image = host_array(data[self.image_key])
+            if tuple(image.shape[1:]) != tuple(spatial_shape):
+                raise ValueError(
+                    f"LabelSampler: image_key {self.image_key!r} has spatial shape {tuple(image.shape[1:])}, the label "
+                    f"map {tuple(spatial_shape)}."
+                )
+            inside = (valid_region(image, patch_size) > self.image_threshold).any(0)
         return [
             _Candidate(name, p, mask=mask if inside is None or name == "foreground" else mask & inside)
             for name, p, mask in self._classes(labels)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 __all__ = ["pick", "size_and_fill", "monai_num_samples"]
 
 
@@ -17,9 +19,17 @@ def pick(ours_name: str, ours: Any, monai_name: str, theirs: Any) -> Any:
     Raises:
         ValueError: both names are given with different values.
     """
-    if ours is not None and theirs is not None and ours != theirs:
+    if ours is not None and theirs is not None and not _same(ours, theirs):
         raise ValueError(f"give {ours_name}={ours!r} or MONAI's {monai_name}={theirs!r}, not both.")
     return ours if ours is not None else theirs
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, whether given as numbers, sequences or arrays (``(4, 4)``, ``[4, 4]``, ``np.array([4, 4])``)."""
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except (TypeError, ValueError):
+        return bool(a == b)
 
 
 def size_and_fill(patch_size: Any, monai_name: str, monai_size: Any) -> tuple[Any, bool]:

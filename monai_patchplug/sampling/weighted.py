@@ -18,13 +18,19 @@ __all__ = ["WeightedSampler", "row_sums", "draw_from_weights"]
 def row_sums(weights: np.ndarray) -> np.ndarray:
     """Sums of ``weights`` along its last axis, shape ``weights.shape[:-1]``.
 
-    Floating maps sum in float32 (float64 maps in float64; a row is short, so float32 keeps its mass), bool/uint8
-    maps in int32 and other integers in int64. Allocates only the result, never a converted volume.
+    Floating maps sum in float32 (float64 maps in float64; a row is short, so float32 keeps its mass), again in
+    float64 when a float32 sum overflows (finite weights near float32's maximum), bool/uint8 maps in int32 and other
+    integers in int64. Allocates only the result, never a converted volume.
     """
     if weights.dtype == np.bool_:
         weights = weights.view(np.uint8)
     if np.issubdtype(weights.dtype, np.floating):
-        return weights.sum(-1, dtype=np.float64 if weights.dtype == np.float64 else np.float32)
+        if weights.dtype != np.float64:
+            with np.errstate(over="ignore"):
+                sums = weights.sum(-1, dtype=np.float32)
+            if np.isfinite(sums).all():
+                return sums
+        return weights.sum(-1, dtype=np.float64)
     return weights.sum(-1, dtype=np.int32 if weights.dtype == np.uint8 else np.int64)
 
 
