@@ -125,6 +125,21 @@ def test_pos_neg_with_precomputed_indices(data):
     assert all(float(p["image"][0, 3, 3, 3]) > 0 for p in background)  # MONAI thresholds the background only
 
 
+def test_precomputed_indices_need_no_label_map(data):
+    """As MONAI: with the index lists in the data the label map may be gone (e.g. popped to save memory); the centres
+    still come from the lists."""
+    indexed = FgBgToIndicesd(keys="label")(dict(data))
+    label = indexed.pop("label")
+    config = {"_target_": "RandCropByPosNegLabeld", "keys": ["image"], "label_key": "label", "spatial_size": [6, 6, 6],
+              "pos": 1, "neg": 0, "num_samples": 50, "fg_indices_key": "label_fg_indices",
+              "bg_indices_key": "label_bg_indices", "image_key": "image"}  # MONAI reads the shape from it
+    theirs, ours = swap(config, "monai_patchplug.LabelSampler")
+    patches = ours.set_random_state(0)(indexed)
+    assert patches[0]["image"].shape == theirs(dict(indexed))[0]["image"].shape == (1, 6, 6, 6)
+    centres = [p[mpp.LOCATION][:3] + 3 for p in patches]
+    assert all(label[(0, *c.tolist())] > 0 for c in centres)
+
+
 @pytest.mark.parametrize("with_indices", [False, True])
 def test_label_classes_ratios(data, with_indices):
     config = {"_target_": "RandCropByLabelClassesd", "keys": ["image", "label"], "label_key": "label",

@@ -200,19 +200,24 @@ class LabelSampler(PatchSampler):
         """MONAI's index-list keys: read by the draw, not copied to the patches (as MONAI pops them)."""
         return tuple(k for k in (self.fg_indices_key, self.bg_indices_key, self.indices_key) if k is not None)
 
-    def map_key(self, data: Mapping[Hashable, Any]) -> Hashable:
-        """``label_name``, or the first integer-typed image of ``data`` (else ``"label"``) when it is ``None``.
+    def map_key(self, data: Mapping[Hashable, Any]) -> Hashable | None:
+        """``label_name``, or the first integer-typed image of ``data`` (else ``"label"``) when it is ``None``; ``None``
+        when the label map is absent but MONAI's index lists are there (as MONAI, which then needs no label map).
 
         Raises:
             KeyError: ``label_name`` is ``None`` and no entry qualifies.
         """
         if self.label_name is not None:
+            if self.label_name not in data and self._index_lists(data) is not None:
+                return None
             return self.label_name
         for key, value in data.items():
             if is_array(value) and value.ndim in (3, 4) and _is_integer(value):
                 return key
         if "label" in data:
             return "label"
+        if self._index_lists(data) is not None:
+            return None
         raise KeyError(f"LabelSampler: label_name=None and no integer-typed image in the data (keys: {list(data)!r}).")
 
     def _classes(self, labels: np.ndarray) -> list[tuple[Any, float, np.ndarray]]:
