@@ -176,6 +176,8 @@ def test_bad_batches_and_locations_are_clear_errors():
         aggregator.add_batch(torch.ones(1, 1, 6, 6), torch.tensor([[10, 4, 16, 10]]))
     with pytest.raises(ValueError, match=r"\[1, 0, 7, 6\] is not on the sampler's grid"):
         aggregator.add_batch(torch.ones(1, 1, 6, 6), torch.tensor([[1, 0, 7, 6]]))
+    with pytest.raises(ValueError, match=r"locations must be integers, got \[\[0.5, 0.0, 6.5, 6.0\]\]"):
+        aggregator.add_batch(torch.ones(1, 1, 6, 6), torch.tensor([[0.5, 0.0, 6.5, 6.0]]))
     with pytest.raises(ValueError, match=r"\[0, 0, 5, 6\] is not a box of the sampler's patch size \(6, 6\)"):
         aggregator.add_batch(torch.ones(1, 1, 5, 6), torch.tensor([[0, 0, 5, 6]]))
     aggregator.add_batch(torch.ones(2, 1, 6, 6), locs)

@@ -282,6 +282,10 @@ def test_bad_arguments_and_outputs_are_clear_errors():
     inferer = mpp.GridInferer(8)
     with pytest.raises(ValueError, match=r"\(1, 8, 8\)"):
         inferer(torch.zeros(1, 8, 8), lambda p: p)
+    with pytest.raises(ValueError, match=r"no empty axis, got shape \(1, 1, 8, 0, 8\)"):
+        inferer(torch.zeros(1, 1, 8, 0, 8), lambda p: p)
+    with pytest.raises(ValueError, match=r"no empty axis, got shape \(0, 1, 8, 8, 8\)"):
+        inferer(torch.zeros(0, 1, 8, 8, 8), lambda p: p)
     with pytest.raises(ValueError, match="network returned"):
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: p[0])
     with pytest.raises(TypeError, match="str"):

@@ -171,11 +171,21 @@ def test_allow_smaller_matches_monai_shape(data):
      (mpp.LabelSampler, {"patch_size": 8, "ratios": [1, 2], "num_classes": 3}, "num_classes=3"),
      (mpp.LabelSampler, {"patch_size": 8, "pos": 0, "neg": 0}, "both be 0"),
      (mpp.LabelSampler, {"patch_size": 8, "pos": -1}, "pos"),
+     (mpp.LabelSampler, {"patch_size": 8, "ratios": [1, -2]}, r"ratios must be finite numbers >= 0, got \[1, -2\]"),
      (mpp.WeightedSampler, {"patch_size": 8, "probability_map": "a", "w_key": "b"}, "not both")],
 )
 def test_conflicting_or_unsupported_arguments(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+def test_bad_threshold_and_index_lists_name_the_argument(data):
+    with pytest.raises(TypeError, match="image_threshold must be a number, got 'a'"):
+        mpp.LabelSampler(6, pos=1, image_threshold="a")
+    sampler = mpp.LabelSampler(keys="image", label_key="label", spatial_size=4, pos=1, neg=1,
+                               fg_indices_key="fg", bg_indices_key="bg")
+    with pytest.raises(ValueError, match=r"list holds 0..20160, outside an image of spatial shape \(30, 28, 24\)"):
+        sampler({**data, "fg": np.array([0, 30 * 28 * 24]), "bg": np.array([5])})
 
 
 def test_one_value_under_both_names_is_no_conflict():

@@ -389,15 +389,19 @@ class GridAggregator:
 
         Raises:
             RuntimeError: the sampler has laid no grid yet, or :meth:`get_output_tensor` was already called.
-            ValueError: a batch whose shape does not match its locations or earlier batches, locations outside the
-                volume or off the grid, a patch added twice, or a grid from a subject of another shape.
+            ValueError: a batch whose shape does not match its locations or earlier batches, locations that are not
+                integers, outside the volume or off the grid, a patch added twice, or a grid from a subject of
+                another shape.
         """
         if self._normalised:
             raise RuntimeError("GridAggregator.add_batch after get_output_tensor(); use a new aggregator.")
         geometry = self._grid()
         ndim = len(geometry.patch_size)
         batch = batch_tensor.as_tensor() if isinstance(batch_tensor, MetaTensor) else torch.as_tensor(batch_tensor)
-        locations = torch.as_tensor(batch_locations).detach().to("cpu", torch.int64)
+        given = torch.as_tensor(batch_locations).detach().to("cpu")
+        locations = given.to(torch.int64)
+        if given.is_floating_point() and not torch.equal(given, locations.to(given.dtype)):
+            raise ValueError(f"GridAggregator: locations must be integers, got {given.tolist()}.")
         if locations.ndim == 1:
             locations = locations[None]
         if batch.ndim != ndim + 2 or locations.shape != (batch.shape[0], 2 * ndim):

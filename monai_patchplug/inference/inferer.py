@@ -138,7 +138,10 @@ class GridInferer(Inferer):
 
     The inferer keeps the blend plans of the last few grids (per-axis weights, at most a 1 MiB store of built patch
     weights each; see :meth:`plan`), so repeated calls on inputs of one shape do not rebuild them; one instance
-    should therefore not be called from several threads at once.
+    should therefore not be called from several threads at once. Unless autograd records the network, the batch of
+    patches handed to the network is one buffer, refilled for every call and, once the network has returned (and no
+    output shares its memory), overwritten with patch weights: a network must not keep its input past the call
+    (a hook that stores it should store a copy). With autograd recording, every call gets a new batch.
 
     Raises:
         TypeError, ValueError: bad sizes, overlap, mode, batch size or padding mode, one setting given under our
@@ -283,8 +286,10 @@ class GridInferer(Inferer):
             RuntimeError: sharding without an initialised process group; a collective that timed out.
         """
 
-        if inputs.ndim not in (4, 5):
-            raise ValueError(f"GridInferer: inputs must be (B, C, H, W[, D]), got shape {tuple(inputs.shape)}.")
+        if inputs.ndim not in (4, 5) or 0 in inputs.shape:
+            raise ValueError(
+                f"GridInferer: inputs must be (B, C, H, W[, D]) with no empty axis, got shape {tuple(inputs.shape)}."
+            )
         spatial = tuple(int(s) for s in inputs.shape[2:])
         n_items = int(inputs.shape[0])
         geometry = self.geometry(spatial)

@@ -132,10 +132,12 @@ class LabelSampler(PatchSampler):
 
     Raises:
         TypeError, ValueError: on bad ``label_probabilities`` (see :func:`parse_label_probabilities`), bad
-            ``pos``/``neg``, ``ratios`` whose length differs from ``num_classes``, or arguments of two modes at
-            once (``label_probabilities``, ``pos``/``neg``, ``ratios``).
-        ValueError: at call time, when none of the labels is present on valid centres or a one-hot map lacks a
-            requested channel.
+            ``pos``/``neg``, negative ``ratios`` or ones whose length differs from ``num_classes``, an
+            ``image_threshold`` that is not a number, or arguments of two modes at once (``label_probabilities``,
+            ``pos``/``neg``, ``ratios``).
+        ValueError: at call time, when none of the labels is present on valid centres, a one-hot map lacks a
+            requested channel, an ``image_key`` image has another spatial shape than the label map, or an index
+            list points outside the image.
     """
 
     def __init__(
@@ -187,6 +189,8 @@ class LabelSampler(PatchSampler):
         self.label_probabilities = (
             None if label_probabilities is None else parse_label_probabilities(label_probabilities)
         )
+        if isinstance(image_threshold, bool) or not isinstance(image_threshold, Real):
+            raise TypeError(f"image_threshold must be a number, got {image_threshold!r}.")
         self.image_key, self.image_threshold = image_key, float(image_threshold)
         self.fg_indices_key, self.bg_indices_key, self.indices_key = fg_indices_key, bg_indices_key, indices_key
         self.max_samples_per_class, self.warn = max_samples_per_class, warn
@@ -328,12 +332,21 @@ def _class_ratios(ratios: Sequence[float] | None, num_classes: int | None) -> di
     ratios = list(ratios)
     if num_classes is not None and len(ratios) != num_classes:
         raise ValueError(f"ratios {ratios!r} must have num_classes={num_classes} values.")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(r) or r < 0:
+            raise ValueError(f"ratios must be finite numbers >= 0, got {ratios!r}.")
     return dict(enumerate(ratios))
 
 
 def _valid_corners(indices: Any, spatial_shape: tuple[int, ...], patch_size: tuple[int, ...]) -> np.ndarray:
     """Corners of the patches centred on flat ``indices`` of the full image, keeping only valid centres."""
     flat = host_array(indices).ravel().astype(np.int64)
+    size = math.prod(spatial_shape)
+    if flat.size and not (0 <= flat.min() and flat.max() < size):
+        raise ValueError(
+            f"LabelSampler: index list holds {int(flat.min())}..{int(flat.max())}, outside an image of spatial shape "
+            f"{tuple(spatial_shape)} ({size} voxels)."
+        )
     centres = np.stack(np.unravel_index(flat, spatial_shape), 1)
     corners = centres - np.asarray(patch_size) // 2
     ok = ((corners >= 0) & (corners <= np.asarray(spatial_shape) - np.asarray(patch_size))).all(1)
