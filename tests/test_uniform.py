@@ -128,6 +128,10 @@ def test_explicit_keys_and_allow_missing(subject):
     assert patch["label"].shape == (1, 24, 20, 16)
     with pytest.raises(KeyError, match="missing"):
         mpp.UniformSampler(8, keys=["image", "missing"])(subject)
+    none_there = mpp.UniformSampler(8, keys=["missing"], allow_missing_keys=True, num_samples=3)(subject)
+    assert len(none_there) == 3  # as MONAI: the data as it is, once per sample, nothing cropped
+    for patch in none_there:
+        assert patch.keys() == subject.keys() and all(patch[k] is subject[k] for k in ("image", "label"))
 
 
 @pytest.mark.parametrize(

@@ -139,8 +139,11 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
     # -- MONAI transform protocol ---------------------------------------------------------------------------------
     def randomize(self, data: Mapping[Hashable, Any]) -> None:
         """Check ``data``, then draw this call's patch corners from ``self.R`` and keep them for :meth:`__call__`."""
-        self._keys = self._image_keys(data)
+        self._keys = self._image_keys(data, none_ok=self.allow_missing_keys)
         map_key = self.map_key(data)
+        if map_key is None and not self._keys:  # allow_missing_keys, and none of the keys is there
+            self._size, self._corners = (), np.zeros((0, 3), dtype=np.int64)
+            return
         shape = _spatial_shape(data[map_key if map_key is not None else self._keys[0]])
         self._size = self._fit_patch_size(shape)
         self._corners = self.draw_corners(data, shape, self._size, self.num_samples or 1)
@@ -156,7 +159,8 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
 
         Returns:
             One patch dict (``num_samples=None``) or a list of ``num_samples`` patch dicts (see
-            :meth:`crop_patches` for what is allocated).
+            :meth:`crop_patches` for what is allocated). With ``allow_missing_keys`` and none of ``keys`` in the
+            data, the data uncropped (as MONAI's croppers return it).
 
         Raises:
             KeyError: a requested key (or the map key) is missing.
@@ -165,7 +169,10 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         """
         d = dict(data)
         self.randomize(d)
-        patches = self.crop_patches(d, self._keys, self._corners, self._size, self.lazy if lazy is None else lazy)
+        if len(self._corners):
+            patches = self.crop_patches(d, self._keys, self._corners, self._size, self.lazy if lazy is None else lazy)
+        else:  # nothing to crop (allow_missing_keys): the data as it is, once per sample, as MONAI returns it
+            patches = [_entries_for_a_patch(d) for _ in range(self.num_samples or 1)]
         return patches if self.num_samples is not None else patches[0]
 
     def crop_patches(
@@ -194,7 +201,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         centres = corners + np.asarray(size, dtype=np.int64) // 2
         patches = []
         for index, corner in enumerate(corners.tolist()):
-            patch = {k: v if is_array(v) else deepcopy(v) for k, v in others.items()}
+            patch = _entries_for_a_patch(others)
             location = location_tensor(corner, size)
             for key, src in sources.items():
                 affine = None if affines[key] is None else affines[key][index]
@@ -222,8 +229,9 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         return d
 
     # -- key selection and checks ----------------------------------------------------------------------------------
-    def _image_keys(self, data: Mapping[Hashable, Any]) -> list[Hashable]:
-        """Keys to crop, the map key (if any) first; checks they exist and share one spatial shape."""
+    def _image_keys(self, data: Mapping[Hashable, Any], none_ok: bool = False) -> list[Hashable]:
+        """Keys to crop, the map key (if any) first; checks they exist and share one spatial shape. With
+        ``none_ok``, explicit keys of which none is in ``data`` (and no map key) give ``[]`` instead of an error."""
         map_key = self.map_key(data)
         if map_key is not None and map_key not in data:
             raise KeyError(f"{type(self).__name__}: key {map_key!r} not in the data (keys: {list(data)!r}).")
@@ -242,7 +250,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
                     "pass allow_missing_keys=True to skip absent keys."
                 )
             keys = [k for k in self.keys if k in data]
-            if not keys and map_key is None:
+            if not keys and map_key is None and not none_ok:
                 raise ValueError(f"{type(self).__name__}: none of keys {self.keys!r} is in the data.")
         if map_key is not None:
             keys = [map_key] + [k for k in keys if k != map_key]
@@ -284,3 +292,8 @@ def valid_region(img: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     """
     slices = tuple(slice(p // 2, s - (p - 1) // 2) for p, s in zip(patch_size, img.shape[-len(patch_size) :]))
     return img[(..., *slices)]
+
+
+def _entries_for_a_patch(entries: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    """``entries`` for one patch: arrays shared (a full volume is not duplicated per patch), the rest deep-copied."""
+    return {k: v if is_array(v) else deepcopy(v) for k, v in entries.items()}
