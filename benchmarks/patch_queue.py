@@ -17,9 +17,9 @@ TorchIO is optional: without it its row is skipped with a note.
 
 Run from the repository root::
 
-    python benchmarks/queue.py             # 8 volumes of 160^3, .nii, 5 epochs each
-    python benchmarks/queue.py --gz        # gzip-compressed .nii.gz files
-    python benchmarks/queue.py --quick     # 4 volumes of 24^3, 8^3 patches, 1 epoch each
+    python benchmarks/patch_queue.py             # 8 volumes of 160^3, .nii, 5 epochs each
+    python benchmarks/patch_queue.py --gz        # gzip-compressed .nii.gz files
+    python benchmarks/patch_queue.py --quick     # 4 volumes of 24^3, 8^3 patches, 1 epoch each
 """
 
 from __future__ import annotations

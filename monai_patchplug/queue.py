@@ -73,10 +73,11 @@ def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
 class PatchQueue(IterableDataset):
     """An iterable dataset of patches for ``monai.data.DataLoader``: loading, transforms and sampling in its workers.
 
-    Each epoch visits every volume once (per rank, see ``even_divisible``) and yields ``samples_per_volume``
-    patches from it, or the volume's own ``num_samples_key`` entry. A worker keeps the patches in a buffer of at most
-    ``max_length`` patches and yields random ones (``shuffle=True``), so a batch mixes the volumes in its worker's
-    buffer; ``shuffle=False`` yields the volumes in index order and each volume's patches in the order drawn.
+    Each epoch visits every volume once across the ranks (each rank its share, see ``even_divisible``) and yields
+    ``samples_per_volume`` patches from it, or the volume's own ``num_samples_key`` entry. A worker keeps the
+    patches in a buffer of at most ``max_length`` patches and yields random ones (``shuffle=True``), so a batch
+    mixes the volumes in its worker's buffer; ``shuffle=False`` yields the volumes in index order and each volume's
+    patches in the order drawn.
 
     Example::
 

@@ -261,10 +261,10 @@ class GridAggregator:
 
     Args:
         sampler: the grid sampler whose patches are aggregated.
-        overlap_mode: ``"crop"``, ``"average"`` or ``"hann"``.
+        overlap_mode: ``"crop"``, ``"average"``, ``"hann"`` or ``"gaussian"`` (MONAI's importance map).
         device: where the output is accumulated; ``None``: the device of the first batch.
-        sigma_scale: for ``overlap_mode="gaussian"`` (MONAI's importance map, separable, floored at 1e-3 of its
-            peak per axis), the standard deviation as a fraction of the patch size.
+        sigma_scale: for ``overlap_mode="gaussian"`` (MONAI's importance map: the product of the axis windows,
+            floored as a whole at ``max(min, 1e-3)``), the standard deviation as a fraction of the patch size.
         output: stream the result into this ``(C', *spatial_out)`` destination (a torch tensor, a ``numpy.memmap`` or
             any array supporting slice assignment): each slab of the first spatial axis is normalised, passed through
             ``postprocess`` and written once every patch touching it was added, and its accumulator dropped, so with
