@@ -23,7 +23,7 @@ import torch.distributed as dist
 from monai.data import CacheDataset, MetaTensor
 from monai.data.utils import set_rnd
 from monai.transforms import Compose
-from monai.utils import ImageMetaKey, MetaKeys
+from monai.utils import ImageMetaKey, MetaKeys, ensure_tuple
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ._shapes import LOCATION
@@ -135,8 +135,9 @@ class PatchQueue(IterableDataset):
             ``torch.distributed`` at construction when it is initialised, else a single rank.
         num_samples_key: key of an item that overrides ``samples_per_volume`` for that volume (an int >= 0; 0 skips
             the volume); ``None`` disables overrides. Read from ``data`` (or a dataset's ``data`` attribute) at
-            construction, so ``len`` is known without loading.
-        meta_keys: the entries of each ``MetaTensor``'s meta dict that patches keep; ``None``: all of them.
+            construction, so ``len`` is known without loading; the entry itself does not reach the patches.
+        meta_keys: the entries of each cropped ``MetaTensor``'s meta dict that patches keep (one key or several);
+            ``None``: all of them. Entries the sampler does not crop are the volume's own and keep theirs.
 
     Raises:
         ValueError: empty ``data``, a count that is not a positive int, a bad override, an invalid rank, or
@@ -159,7 +160,7 @@ class PatchQueue(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         num_samples_key: Hashable | None = "num_samples",
-        meta_keys: Sequence[str] | None = DEFAULT_META_KEYS,
+        meta_keys: str | Sequence[str] | None = DEFAULT_META_KEYS,
     ) -> None:
         if not isinstance(sampler, PatchSampler) or isinstance(sampler, GridSampler):
             raise TypeError(
@@ -177,7 +178,7 @@ class PatchQueue(IterableDataset):
         self.sampler = deepcopy(sampler)
         self.sampler.copy, self.sampler.lazy = True, False  # buffered patches must not keep their volume alive
         self.num_samples_key = num_samples_key
-        self.meta_keys = None if meta_keys is None else tuple(meta_keys)
+        self.meta_keys = None if meta_keys is None else tuple(ensure_tuple(meta_keys))
         if cache:
             if isinstance(data, Dataset):
                 raise ValueError("PatchQueue: cache=True needs a sequence as data; a dataset caches on its own.")
@@ -187,6 +188,12 @@ class PatchQueue(IterableDataset):
         self.counts = np.asarray([self._volume_count(i) for i in range(len(data))], dtype=np.int64)
         # shared memory, so set_epoch reaches persistent workers too
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled or deep-copied: put the epoch back in shared memory, so the copy's workers see ``set_epoch``."""
+        self.__dict__.update(state)
+        if not self._epoch.is_shared():
+            self._epoch.share_memory_()
 
     # -- epochs and partition --------------------------------------------------------------------------------------
     @property
@@ -258,15 +265,16 @@ class PatchQueue(IterableDataset):
                 continue
             transform_seed, sampler_seed = np.random.SeedSequence([entropy, epoch, position]).generate_state(2)
             volume = None
-            while remaining:
-                chunk = min(remaining, self.max_length)
+            drawn = 0
+            while drawn < remaining:
+                chunk = min(remaining - drawn, self.max_length)
                 while len(buffer) > self.max_length - chunk:
                     yield _pop(buffer, rng)
                 if volume is None:  # loaded once room is made, so the yielded patches can go first
                     volume = self._load(index, int(transform_seed))
                     self.sampler.set_random_state(seed=int(sampler_seed))
-                buffer.extend(self._sample(volume, index, chunk))
-                remaining -= chunk
+                buffer.extend(self._sample(volume, index, chunk, drawn))
+                drawn += chunk
             del volume
         while buffer:
             yield _pop(buffer, rng)
@@ -290,10 +298,14 @@ class PatchQueue(IterableDataset):
                 f"PatchQueue: volume {index} ({self._describe(index)}) must become a dict of arrays, got "
                 f"{type(item).__name__}; leave multi-sample crops out of the transform (the sampler draws the patches)."
             )
+        if self.num_samples_key is not None and self.num_samples_key in item:  # read already; not for the patches
+            item = {k: v for k, v in item.items() if k != self.num_samples_key}
         return item
 
-    def _sample(self, volume: Mapping[Hashable, Any], index: int, n: int) -> list[Patch]:
-        """``n`` patches of ``volume`` from the sampler (independent copies), their meta cut to ``meta_keys``."""
+    def _sample(self, volume: Mapping[Hashable, Any], index: int, n: int, first: int = 0) -> list[Patch]:
+        """``n`` patches of ``volume`` from the sampler (independent copies), numbered from ``first`` (a volume with
+        more patches than ``max_length`` is sampled in chunks) and their meta cut to ``meta_keys``. Entries the
+        sampler does not crop are the volume's own and left as they are."""
         self.sampler.num_samples = n
         try:
             patches = self.sampler(volume)
@@ -301,11 +313,14 @@ class PatchQueue(IterableDataset):
             raise RuntimeError(
                 f"PatchQueue: sampling volume {index} ({self._describe(index)}) failed: {type(err).__name__}: {err}"
             ) from err
-        if self.meta_keys is not None:
-            for patch in patches:
-                for value in patch.values():
-                    if isinstance(value, MetaTensor):
-                        value.meta = {k: value.meta[k] for k in self.meta_keys if k in value.meta}
+        for patch in patches:
+            for key, value in patch.items():
+                if not isinstance(value, MetaTensor) or value is volume.get(key):
+                    continue
+                if first and "patch_index" in value.meta:
+                    value.meta["patch_index"] += first
+                if self.meta_keys is not None:
+                    value.meta = {k: value.meta[k] for k in self.meta_keys if k in value.meta}
         return patches
 
     # -- volumes -------------------------------------------------------------------------------------------------------

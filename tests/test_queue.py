@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import weakref
 from collections import Counter
 
@@ -75,6 +77,46 @@ def test_epoch_yields_exact_counts_and_every_volume_once():
             assert torch.equal(patch["image"], source[box_slices(patch[mpp.LOCATION])])
     ordered = list(queue(data, max_length=4, samples=3, shuffle=False))
     assert ids(ordered) == [0] * 3 + [1] * 3 + [2] * 5 + [3] * 3
+
+
+def test_patch_indices_count_on_across_chunks_and_the_count_key_stays_behind():
+    """A volume with more patches than ``max_length`` is sampled in chunks; its patches are still numbered 0..n-1
+    (SaveImaged names files by them), and its ``num_samples`` entry, read already, must not reach the patches: a
+    batch mixing volumes with and without it would not collate."""
+    data = volumes(3, counts={0: 5})
+    for item in data:
+        item["image"] = MetaTensor(item["image"])
+    q = queue(data, max_length=2, samples=2, seed=0)
+    patches = list(q)
+    assert not any("num_samples" in p for p in patches)
+    assert sorted(int(p["image"].meta["patch_index"]) for p in patches if p["id"] == 0) == [0, 1, 2, 3, 4]
+    for epoch in range(4):
+        q.set_epoch(epoch)
+        assert sum(len(batch["id"]) for batch in DataLoader(q, batch_size=3)) == 9
+
+
+def test_trimming_meta_leaves_the_callers_entries_and_takes_one_key_as_a_string():
+    data = volumes(2)
+    for item in data:
+        item["image"] = MetaTensor(item["image"], meta={"custom": 1})
+        item["weights"] = MetaTensor(torch.ones(1, *SHAPE), meta={"custom": 1})  # not cropped: the caller's own
+    patches = list(queue(data, meta_keys="affine"))
+    for patch in patches:
+        assert set(patch["image"].meta) == {"affine"}
+        assert patch["image"].affine[:3, 3].tolist() == patch[mpp.LOCATION][:3].tolist()
+        assert patch["weights"] is data[int(patch["id"])]["weights"]
+    assert all(item["weights"].meta["custom"] == 1 and item["image"].meta["custom"] == 1 for item in data)
+
+
+def test_a_copied_queue_still_hears_set_epoch_in_persistent_workers():
+    copied = copy.deepcopy(queue(volumes(2), seed=0))
+    loader = DataLoader(copied, batch_size=6, num_workers=1, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        copied.set_epoch(epoch)
+        epochs.append([tuple(loc) for loc in next(iter(loader))[mpp.LOCATION].tolist()])
+    assert epochs[0] != epochs[1]
+    assert pickle.loads(pickle.dumps(copied))._epoch.is_shared()
 
 
 @pytest.mark.parametrize("even_divisible", [False, True])
