@@ -148,6 +148,14 @@ def test_gradients_reach_the_network_and_the_input(mode, store, input_grad, monk
         torch.testing.assert_close(x.grad, a.expand_as(x), rtol=1e-5, atol=1e-6)
 
 
+def test_an_input_that_requires_grad_and_a_network_output_that_does_not():
+    """Autograd records nothing through an integer output, but the input batch still cannot be stacked into a
+    reused buffer (``out=`` refuses inputs that require grad)."""
+    x = torch.randn(1, 1, 20, 18, 16, requires_grad=True)
+    out = mpp.GridInferer(8, 4, "crop", batch_size=2)(x, lambda p: (p > 0).to(torch.uint8))
+    assert torch.equal(out, (x.detach() > 0).to(torch.uint8))
+
+
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])
 @torch.no_grad()
 def test_pointwise_network_gives_monai_output(mode):

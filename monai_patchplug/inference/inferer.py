@@ -359,7 +359,8 @@ class GridInferer(Inferer):
                     buffer = padded.new_empty((min(size, len(mine)), *padded.shape[1:2], *geometry.patch_size))
                 window = torch.stack(views, out=buffer[: len(chunk)])
             outputs, rebuild = _flatten(network(window.to(sw_device), *args, **kwargs))
-            graph = graph and any(o.requires_grad for o in outputs)  # else autograd recorded nothing: reuse the batch
+            # the batch can be reused once autograd is seen to record nothing (and stacking into it records nothing)
+            graph = graph and (padded.requires_grad or any(o.requires_grad for o in outputs))
             scratch = reusable_input(buffer, outputs)
             if not plans:
                 for out in outputs:
