@@ -132,8 +132,7 @@ def bare_ops_runner(
     normalising, no metadata, so its output is not a blend (only its time and memory mean something); ours does
     all of that on top."""
     spatial = image.shape[2:]
-    axes = [sorted({*range(0, s - patch + 1, patch - overlap), s - patch}) for s in spatial]
-    corners = [tuple(c) for c in torch.cartesian_prod(*[torch.tensor(a) for a in axes]).reshape(-1, len(axes)).tolist()]
+    corners = mpp.GridInferer(patch, overlap).geometry(spatial).corner_array().tolist()  # the same grid as ours
     weight = torch.ones((patch,) * len(spatial), device=image.device)
 
     def run() -> torch.Tensor:

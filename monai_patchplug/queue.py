@@ -178,7 +178,7 @@ class PatchQueue(IterableDataset):
         self.sampler = deepcopy(sampler)
         self.sampler.copy, self.sampler.lazy = True, False  # buffered patches must not keep their volume alive
         self.num_samples_key = num_samples_key
-        self.meta_keys = None if meta_keys is None else tuple(ensure_tuple(meta_keys))
+        self.meta_keys = None if meta_keys is None else ensure_tuple(meta_keys)
         if cache:
             if isinstance(data, Dataset):
                 raise ValueError("PatchQueue: cache=True needs a sequence as data; a dataset caches on its own.")

@@ -94,13 +94,13 @@ class PatchWeights:
         are overwritten in place).
         """
         parts = [self._part(axis, j, s) for axis, (j, s) in enumerate(zip(index, src))]
-        key = tuple(name for name, _, _ in parts)
         if all(c is not None for _, _, c in parts):
             return math.prod(c for _, _, c in parts)
         vectors = [v for _, v, _ in parts]
         shape = [len(v) for v in vectors]
         if fresh:
             return _outer(vectors, torch.empty(shape, dtype=self.dtype, device=self.device))
+        key = tuple(name for name, _, _ in parts)
         if key == self._scratch_key:
             return self._scratch_weight
         weight = self._built.get(key)

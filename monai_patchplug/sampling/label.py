@@ -181,8 +181,10 @@ class LabelSampler(PatchSampler):
         self.monai_defaults = monai and not modes
         super().__init__(size, fill_non_positive=fill, **kwargs)
         self.label_name = pick("label_name", label_name, "label_key", label_key)
-        self.pos_neg = (
-            _check_pos_neg(1.0 if pos is None else pos, 1.0 if neg is None else neg) if pos_neg_mode else None
+        self.pos_neg = (  # MONAI's defaults: pos = neg = 1
+            _check_pos_neg(1.0 if pos is None else pos, 1.0 if neg is None else neg)
+            if pos_neg_mode or self.monai_defaults
+            else None
         )
         if class_mode and label_probabilities is None and (ratios is not None or num_classes is not None):
             label_probabilities = _class_ratios(ratios, num_classes)
@@ -231,10 +233,9 @@ class LabelSampler(PatchSampler):
             if self.monai_defaults and one_hot:  # RandCropByLabelClassesd: every channel equally likely
                 return [(label, 1.0, labels[label] != 0) for label in range(labels.shape[0])]
             foreground = (labels[1:] != 0).any(0) if one_hot else labels[0] > 0
-            pos_neg = (1.0, 1.0) if self.monai_defaults else self.pos_neg  # RandCropByPosNegLabeld: pos = neg = 1
-            if pos_neg is None:
+            if self.pos_neg is None:
                 return [("foreground", 1.0, foreground)]
-            return [("foreground", pos_neg[0], foreground), ("background", pos_neg[1], ~foreground)]
+            return [("foreground", self.pos_neg[0], foreground), ("background", self.pos_neg[1], ~foreground)]
         out = []
         for label, p in self.label_probabilities.items():
             if p <= 0:
