@@ -55,6 +55,34 @@ def _count(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
+def _check_data(data: Any) -> None:
+    """``data`` must hold items by index and have a length (a list, a tuple, a 1-D array, a map-style dataset).
+
+    Raises:
+        TypeError: a string or bytes (a sequence of characters), a dict (one volume, or a mapping that is no list of
+            items), ``None`` or another object without items by index and a length.
+    """
+    indexed = hasattr(type(data), "__getitem__") and hasattr(type(data), "__len__")
+    one_axis = not isinstance(data, np.ndarray) or data.ndim == 1
+    if indexed and one_axis and not isinstance(data, (str, bytes, Mapping)):
+        return
+    hint = ""
+    if isinstance(data, Mapping):
+        hint = " For one volume, pass a list holding its dict: [data]."
+    elif isinstance(data, (str, bytes, os.PathLike)):
+        hint = " For one file, pass a list of dicts: [{'image': path}]."
+    raise TypeError(
+        "PatchQueue: data must be a sequence of items (e.g. a list of dicts of file names) or a map-style dataset, "
+        f"got {type(data).__name__} {_short_repr(data)}.{hint}"
+    )
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _resolve_ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """``(rank, world_size)``: the explicit pair, else torch.distributed's if initialised, else ``(0, 1)``."""
     if (rank is None) != (world_size is None):
@@ -137,12 +165,15 @@ class PatchQueue(IterableDataset):
             the volume); ``None`` disables overrides. Read from ``data`` (or a dataset's ``data`` attribute) at
             construction, so ``len`` is known without loading; the entry itself does not reach the patches.
         meta_keys: the entries of each cropped ``MetaTensor``'s meta dict that patches keep (one key or several);
-            ``None``: all of them. Entries the sampler does not crop are the volume's own and keep theirs.
+            ``None``: all of them. A patch none of whose keys is in the meta dict (e.g. ``meta_keys=()``) keeps
+            ``patch_index`` alone, since MONAI's ``list_data_collate`` cannot batch empty meta dicts. Entries the
+            sampler does not crop are the volume's own and keep theirs.
 
     Raises:
         ValueError: empty ``data``, a count that is not a positive int, a bad override, an invalid rank, or
             ``cache=True`` with a dataset as ``data``.
-        TypeError: ``sampler`` is not a random PatchSampler.
+        TypeError: ``data`` is not a sequence of items or a map-style dataset (a string, a dict, ``None``), or
+            ``sampler`` is not a random PatchSampler.
     """
 
     def __init__(
@@ -167,6 +198,7 @@ class PatchQueue(IterableDataset):
                 "PatchQueue: sampler must be a random PatchSampler (UniformSampler, WeightedSampler, LabelSampler), "
                 f"got {type(sampler).__name__}."
             )
+        _check_data(data)
         if len(data) == 0:
             raise ValueError("PatchQueue: data is empty; give at least one volume.")
         self.max_length = _count(max_length, "max_length", 1)
@@ -320,7 +352,7 @@ class PatchQueue(IterableDataset):
                 if first and "patch_index" in value.meta:
                     value.meta["patch_index"] += first
                 if self.meta_keys is not None:
-                    value.meta = {k: value.meta[k] for k in self.meta_keys if k in value.meta}
+                    value.meta = _kept_meta(value.meta, self.meta_keys)
         return patches
 
     # -- volumes -------------------------------------------------------------------------------------------------------
@@ -352,6 +384,14 @@ class PatchQueue(IterableDataset):
             return _count(item[self.num_samples_key], repr(self.num_samples_key), 0)
         except ValueError as err:
             raise ValueError(f"{err} (volume {index}: {self._describe(index)})") from None
+
+
+def _kept_meta(meta: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The entries of ``meta`` named in ``keys``; ``patch_index`` alone when none is there (collation needs one)."""
+    kept = {k: meta[k] for k in keys if k in meta}
+    if not kept and "patch_index" in meta:
+        kept["patch_index"] = meta["patch_index"]
+    return kept
 
 
 def _pop(buffer: list[Patch], rng: np.random.Generator | None) -> Patch:

@@ -163,10 +163,17 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             data, the data uncropped (as MONAI's croppers return it).
 
         Raises:
+            TypeError: ``data`` is not a dict (e.g. a bare tensor).
             KeyError: a requested key (or the map key) is missing.
             ValueError: no image, keys of different spatial shapes, a patch larger than the image, or a map the
                 subclass cannot draw from.
         """
+        if not isinstance(data, Mapping):
+            hint = " Wrap the image in a dict, e.g. sampler({'image': img})." if is_array(data) else ""
+            raise TypeError(
+                f"{type(self).__name__}: data must be a dict of channel-first arrays ({{'image': (C, H, W[, D]), "
+                f"...}}), got {type(data).__name__}.{hint}"
+            )
         d = dict(data)
         self.randomize(d)
         if len(self._corners):

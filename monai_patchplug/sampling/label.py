@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -126,18 +127,24 @@ class LabelSampler(PatchSampler):
         fg_indices_key, bg_indices_key, indices_key: MONAI's precomputed index lists.
         max_samples_per_class: MONAI's cap on index-list length, a memory knob; no effect here (no index lists are
             built; every voxel of a class stays equally likely, which is what the cap approximates).
-        warn: MONAI's option to warn about absent classes; absent classes are skipped silently either way.
+        warn: with ``pos``/``neg``, warn when the foreground or the background is wanted (probability > 0) but has no
+            valid centre, before every patch is drawn from the class that has one (as ``RandCropByPosNegLabeld``,
+            also when the class present has probability 0). Other modes skip absent labels silently.
         kwargs: ``keys``, ``num_samples``, ``allow_missing_keys``, ``lazy``, ``copy``, ``allow_smaller``, as
             :class:`~monai_patchplug.PatchSampler`. With MONAI's arguments, ``num_samples`` defaults to 1 (a list).
 
     Raises:
         TypeError, ValueError: on bad ``label_probabilities`` (see :func:`parse_label_probabilities`), bad
             ``pos``/``neg``, negative ``ratios`` or ones whose length differs from ``num_classes``, an
-            ``image_threshold`` that is not a number, or arguments of two modes at once (``label_probabilities``,
-            ``pos``/``neg``, ``ratios``).
-        ValueError: at call time, when none of the labels is present on valid centres, a one-hot map lacks a
+            ``image_threshold`` that is not a number, arguments of two modes at once (``label_probabilities``,
+            ``pos``/``neg``, ``ratios``), or ``patch_size`` and ``spatial_size`` giving different sizes.
+        ValueError: at call time, when none of the labels is present on valid centres (the message says whether
+            they are absent, excluded by ``image_threshold``, or only near the border), a one-hot map lacks a
             requested channel, an ``image_key`` image has another spatial shape than the label map, or an index
-            list points outside the image.
+            list is not integer or points outside the image.
+
+    Warns:
+        UserWarning: with ``pos``/``neg`` and ``warn=True``, when a wanted class has no valid centre (see ``warn``).
     """
 
     def __init__(
@@ -240,16 +247,40 @@ class LabelSampler(PatchSampler):
         for label, p in self.label_probabilities.items():
             if p <= 0:
                 continue
-            if one_hot:
-                if not 0 <= label < labels.shape[0]:
-                    raise ValueError(
-                        f"LabelSampler: label {label} is not a channel of the one-hot map of shape "
-                        f"{tuple(labels.shape)}."
-                    )
-                out.append((label, p, labels[label] != 0))
-            else:
-                out.append((label, p, labels[0] == label))
+            out.append((label, p, labels[label] != 0 if one_hot else labels[0] == label))
         return out
+
+    def _check_channels(self, labels: np.ndarray, key: Hashable) -> None:
+        """A one-hot map must hold a channel for every label with a positive probability.
+
+        Raises:
+            ValueError: a wanted label is not a channel of ``labels`` (the full map).
+        """
+        if labels.shape[0] == 1:
+            return
+        for label in self._wanted():
+            if not 0 <= label < labels.shape[0]:
+                raise ValueError(
+                    f"LabelSampler: label {label} is not a channel of the one-hot label map {key!r} of shape "
+                    f"{tuple(labels.shape)}."
+                )
+
+    def _inside(self, data: Mapping[Hashable, Any], patch_size: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """Where some channel of ``image_key`` exceeds ``image_threshold`` (on valid centres when ``patch_size`` is
+        given, else everywhere); ``None`` without ``image_key``."""
+        if self.image_key is None:
+            return None
+        image = host_array(data[self.image_key])
+        if patch_size is not None:
+            image = valid_region(image, patch_size)
+        return (image > self.image_threshold).any(0)
+
+    def _restrict(self, name: Any, mask: np.ndarray, inside: np.ndarray | None) -> np.ndarray:
+        """``mask`` limited to ``inside`` where MONAI's index maps do it: every class but the foreground (with pos/neg:
+        the background only, as ``FgBgToIndicesd``; with ratios: every class, as ``ClassesToIndicesd``)."""
+        if inside is None or name == "foreground":
+            return mask
+        return mask & inside
 
     def _candidates(
         self, data: Mapping[Hashable, Any], spatial_shape: tuple[int, ...], patch_size: tuple[int, ...]
@@ -258,34 +289,41 @@ class LabelSampler(PatchSampler):
         lists = self._index_lists(data)
         if lists is not None:
             return [
-                _Candidate(name, p, corners=_valid_corners(idx, spatial_shape, patch_size)) for name, p, idx in lists
+                _Candidate(name, p, corners=_valid_corners(idx, spatial_shape, patch_size, source))
+                for name, p, source, idx in lists
             ]
-        labels = valid_region(host_array(data[self.map_key(data)]), patch_size)
-        inside = None
+        key = self.map_key(data)
+        full = host_array(data[key])
+        self._check_channels(full, key)
         if self.image_key is not None:
-            image = host_array(data[self.image_key])
-            if tuple(image.shape[1:]) != tuple(spatial_shape):
+            image_shape = tuple(int(v) for v in data[self.image_key].shape[1:])
+            if image_shape != tuple(spatial_shape):
                 raise ValueError(
-                    f"LabelSampler: image_key {self.image_key!r} has spatial shape {tuple(image.shape[1:])}, the label "
+                    f"LabelSampler: image_key {self.image_key!r} has spatial shape {image_shape}, the label "
                     f"map {tuple(spatial_shape)}."
                 )
-            inside = (valid_region(image, patch_size) > self.image_threshold).any(0)
+        inside = self._inside(data, patch_size)
         return [
-            _Candidate(name, p, mask=mask if inside is None or name == "foreground" else mask & inside)
-            for name, p, mask in self._classes(labels)
+            _Candidate(name, p, mask=self._restrict(name, mask, inside))
+            for name, p, mask in self._classes(valid_region(full, patch_size))
         ]
 
-    def _index_lists(self, data: Mapping[Hashable, Any]) -> list[tuple[Any, float, Any]] | None:
-        """MONAI's precomputed ``(name, probability, flat indices)`` when the data holds them, else ``None``."""
+    def _index_lists(self, data: Mapping[Hashable, Any]) -> list[tuple[Any, float, str, Any]] | None:
+        """MONAI's precomputed ``(name, probability, where from, flat indices)`` when the data holds them, else
+        ``None``; ``where from`` names the argument and key for messages."""
         if self.pos_neg is not None and self.fg_indices_key in data and self.bg_indices_key in data:
             return [
-                ("foreground", self.pos_neg[0], data[self.fg_indices_key]),
-                ("background", self.pos_neg[1], data[self.bg_indices_key]),
+                ("foreground", self.pos_neg[0], f"fg_indices_key {self.fg_indices_key!r}", data[self.fg_indices_key]),
+                ("background", self.pos_neg[1], f"bg_indices_key {self.bg_indices_key!r}", data[self.bg_indices_key]),
             ]
         if self.indices_key is not None and self.indices_key in data:
             lists = data[self.indices_key]
             probs = self.label_probabilities or dict.fromkeys(range(len(lists)), 1.0)
-            return [(label, p, lists[label]) for label, p in probs.items() if p > 0 and label < len(lists)]
+            return [
+                (label, p, f"indices_key {self.indices_key!r}[{label}]", lists[label])
+                for label, p in probs.items()
+                if p > 0 and label < len(lists)
+            ]
         return None
 
     def draw_corners(
@@ -296,28 +334,66 @@ class LabelSampler(PatchSampler):
         Allocates one bool mask over the valid-centre region, and its row counts, per class with a positive
         probability (with MONAI's index lists: the valid corners of each list instead).
         """
-        candidates = [c for c in self._candidates(data, spatial_shape, patch_size) if c.present]
-        if not candidates:
-            key = self.map_key(data)
-            raise ValueError(self._absent_message(data[key], key, patch_size))
-        probs = np.asarray([c.p for c in candidates], dtype=np.float64)
-        chosen = self.R.choice(len(candidates), size=n, p=probs / probs.sum())
+        candidates = self._candidates(data, spatial_shape, patch_size)
+        present = [c for c in candidates if c.present]
+        if not present:
+            raise ValueError(self._absent_message(data, patch_size))
+        probs = np.asarray([c.p for c in present], dtype=np.float64)
+        pos_neg = [c.name for c in candidates] == ["foreground", "background"]  # not MONAI's one-hot default
+        if pos_neg and len(present) < len(candidates):
+            missing = [c.name for c in candidates if not c.present and c.p > 0]
+            if missing and self.warn:
+                warnings.warn(
+                    f"LabelSampler: no {missing[0]} voxel on the valid patch centres, so pos={self.pos_neg[0]:g}, "
+                    f"neg={self.pos_neg[1]:g} cannot be kept: drawing every patch from the {present[0].name} (as "
+                    "MONAI's RandCropByPosNegLabeld does).",
+                    stacklevel=4,
+                )
+            probs = np.ones(len(present))
+        chosen = self.R.choice(len(present), size=n, p=probs / probs.sum())
         corners = np.empty((n, len(patch_size)), dtype=np.int64)
-        for index, candidate in enumerate(candidates):
+        for index, candidate in enumerate(present):
             where = np.flatnonzero(chosen == index)
             if where.size:
                 corners[where] = candidate.draw(where.size, self.R)
         return corners
 
-    def _absent_message(self, label_map: Any, key: Hashable, patch_size: tuple[int, ...]) -> str:
-        """Error text when no wanted label lies on a valid centre: absent altogether, or only near the border."""
-        full = host_array(label_map)
+    def _absent_message(self, data: Mapping[Hashable, Any], patch_size: tuple[int, ...]) -> str:
+        """Error text when no wanted class has a valid centre, saying why: empty index lists, classes absent from the
+        label map, classes excluded by ``image_threshold``, or classes only near the border (then: pad).
+
+        Runs on the error path only; allocates a bool mask of the full map per class.
+        """
+        lists = self._index_lists(data)
+        if lists is not None:
+            if not lists:
+                return (
+                    f"LabelSampler: no sampling location available: indices_key {self.indices_key!r} holds "
+                    f"{len(data[self.indices_key])} index lists, none for the labels {self._wanted()}."
+                )
+            sources = ", ".join(source for _, _, source, _ in lists)
+            if all(np.size(host_array(idx)) == 0 for _, _, _, idx in lists):
+                return f"LabelSampler: no sampling location available: the index lists ({sources}) are all empty."
+            return no_mass_message(f"LabelSampler: the index lists ({sources}) hold no index", patch_size)
+        key = self.map_key(data)
+        full = host_array(data[key])
         what = "no foreground" if self.label_probabilities is None else f"none of the labels {self._wanted()}"
         if self.pos_neg is not None:
             what = "no voxel to draw from (foreground or background)"
-        if not any(bool(mask.any()) for _, _, mask in self._classes(full)):
+        classes = [(name, mask) for name, _, mask in self._classes(full) if mask.any()]
+        if not classes:
             present = np.unique(full[0]).tolist() if full.shape[0] == 1 else f"{full.shape[0]} one-hot channels"
             return f"LabelSampler: label map {key!r} holds {what} (it holds {present})."
+        inside = self._inside(data)
+        if inside is not None and not any(self._restrict(name, mask, inside).any() for name, mask in classes):
+            peak = float(host_array(data[self.image_key]).max())
+            names = ", ".join(_class_text(name) for name, _ in classes)
+            return (
+                f"LabelSampler: label map {key!r} has {what}: its {names} voxels all "
+                f"lie where image_key {self.image_key!r} is <= image_threshold={self.image_threshold:g} (the image's "
+                f"largest value is {peak:g}), and MONAI's index maps keep only voxels above it. Lower image_threshold "
+                "or leave out image_key."
+            )
         return no_mass_message(f"LabelSampler: label map {key!r} has {what}", patch_size)
 
     def _wanted(self) -> list[int]:
@@ -339,14 +415,41 @@ def _class_ratios(ratios: Sequence[float] | None, num_classes: int | None) -> di
     return dict(enumerate(ratios))
 
 
-def _valid_corners(indices: Any, spatial_shape: tuple[int, ...], patch_size: tuple[int, ...]) -> np.ndarray:
-    """Corners of the patches centred on flat ``indices`` of the full image, keeping only valid centres."""
-    flat = host_array(indices).ravel().astype(np.int64)
+def _class_text(name: Any) -> str:
+    """A class for messages: ``"label 3"`` for a label value or channel, else its name (``"background"``)."""
+    return f"label {name}" if isinstance(name, int) else str(name)
+
+
+def _valid_corners(
+    indices: Any, spatial_shape: tuple[int, ...], patch_size: tuple[int, ...], source: str
+) -> np.ndarray:
+    """Corners of the patches centred on flat ``indices`` of the full image, keeping only valid centres.
+
+    Args:
+        indices: a flat index list (array, tensor or sequence of ints); empty is fine.
+        spatial_shape: the image's spatial shape the indices refer to.
+        patch_size: the patch size.
+        source: the argument and key the list comes from, for messages (``"fg_indices_key 'fg'"``).
+
+    Returns:
+        ``(k, ndim)`` int64 corners, one per index that is a valid centre.
+
+    Raises:
+        ValueError: a non-empty list that is not of an integer dtype (a float index would be truncated), or an index
+            outside the image.
+    """
+    values = host_array(indices).ravel()
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(
+            f"LabelSampler: {source}: index lists must hold integer flat indices, got dtype {values.dtype} (first "
+            f"value {values[0].item()!r})."
+        )
+    flat = values.astype(np.int64)
     size = math.prod(spatial_shape)
     if flat.size and not (0 <= flat.min() and flat.max() < size):
         raise ValueError(
-            f"LabelSampler: index list holds {int(flat.min())}..{int(flat.max())}, outside an image of spatial shape "
-            f"{tuple(spatial_shape)} ({size} voxels)."
+            f"LabelSampler: {source}: index list holds {int(flat.min())}..{int(flat.max())}, outside an image of "
+            f"spatial shape {tuple(spatial_shape)} ({size} voxels)."
         )
     centres = np.stack(np.unravel_index(flat, spatial_shape), 1)
     corners = centres - np.asarray(patch_size) // 2

@@ -30,7 +30,8 @@ class UniformSampler(PatchSampler):
             list), as in MONAI.
 
     Raises:
-        ValueError: ``random_size=True``, or both ``patch_size`` and ``roi_size`` with different values.
+        ValueError: ``random_size=True``, or both ``patch_size`` and ``roi_size`` giving different sizes (``8`` and
+            ``(8, 8, 8)`` are one size).
 
     Example::
 

@@ -16,22 +16,41 @@ __all__ = ["WeightedSampler", "row_sums", "draw_from_weights"]
 
 
 def row_sums(weights: np.ndarray) -> np.ndarray:
-    """Sums of ``weights`` along its last axis, shape ``weights.shape[:-1]``.
+    """Sums of ``weights`` along its last axis, shape ``weights.shape[:-1]``, in an accumulator that cannot wrap.
 
-    Floating maps sum in float32 (float64 maps in float64; a row is short, so float32 keeps its mass), again in
-    float64 when a float32 sum overflows (finite weights near float32's maximum), bool/uint8 maps in int32 and other
-    integers in int64. Allocates only the result, never a converted volume.
+    bool/uint8 maps sum in int32 and other integers of up to 32 bits in int64 (exact); 64-bit integers sum in float64
+    (an int64 sum wraps). float16/float32 maps sum in float32 (a row is short, so float32 keeps its mass), again in
+    float64 when a float32 sum overflows (finite weights near float32's maximum); float64 maps sum in float64, where
+    a row of values near float64's maximum can still overflow to ``inf`` (:func:`draw_from_weights` then rescales).
+    Allocates only the result, never a converted volume.
+
+    Raises:
+        TypeError: complex weights.
     """
     if weights.dtype == np.bool_:
         weights = weights.view(np.uint8)
+    if np.issubdtype(weights.dtype, np.complexfloating):
+        raise TypeError(f"weights must be real, got dtype {weights.dtype}.")
     if np.issubdtype(weights.dtype, np.floating):
-        if weights.dtype != np.float64:
+        if weights.dtype.itemsize < 8:
             with np.errstate(over="ignore"):
                 sums = weights.sum(-1, dtype=np.float32)
             if np.isfinite(sums).all():
                 return sums
+        with np.errstate(over="ignore"):
+            return weights.sum(-1, dtype=np.float64)
+    if weights.dtype.itemsize >= 8:
         return weights.sum(-1, dtype=np.float64)
     return weights.sum(-1, dtype=np.int32 if weights.dtype == np.uint8 else np.int64)
+
+
+def _scaled_to_unit_max(weights: np.ndarray) -> np.ndarray:
+    """A float64 copy of floating ``weights`` times the power of two that brings their maximum into ``[0.5, 1)``.
+
+    Exact for every value but those below the maximum by more than float64's range (~1e-308 of it), which become 0.
+    """
+    _, exponent = math.frexp(float(weights.max()))
+    return np.ldexp(weights, -exponent, dtype=np.float64)
 
 
 def draw_from_weights(
@@ -40,12 +59,16 @@ def draw_from_weights(
     """Draw ``n`` voxel indices of ``weights`` (any spatial rank >= 2) with probability proportional to the weight.
 
     Hierarchical inverse-CDF: a float64 CDF over the row sums (one number per row along the last axis) picks the
-    rows, then a float64 CDF within each picked row picks the voxel. This is one pass over the map plus
-    ``O(rows + n * row_length)``; no full-volume cumulative sum or float64 copy is made. A uniform ``u`` in
-    ``(0, total]`` is matched to the first CDF entry ``>= u``, which never lands on a zero weight.
+    rows, then a float64 CDF within each picked row picks the voxel. Both CDFs are built from values divided by their
+    maximum, so no sum overflows or wraps whatever the dtype and range of the weights (huge float64 values, int64
+    values near 2**63). This is one pass over the map plus ``O(rows + n * row_length)``: it allocates the row sums,
+    their scaled CDF and the ``n`` picked rows, and no full-volume copy, except for float64 weights so large that a
+    row sum overflows float64 (beyond ~1e308 / row_length): those are first scaled into a float64 copy by a power of
+    two. A uniform ``u`` in ``(0, total]`` is matched to the first CDF entry ``>= u``, which never lands on a zero
+    weight.
 
     Args:
-        weights: non-negative weights, any real or bool dtype, a strided view is fine.
+        weights: finite, non-negative weights, any real or bool dtype; a strided view is fine.
         n: how many indices to draw (with replacement).
         rng: the ``numpy.random.RandomState`` that drives the draw (a transform's ``self.R``).
         rows: ``row_sums(weights)`` if the caller already has it.
@@ -54,28 +77,44 @@ def draw_from_weights(
         ``(n, weights.ndim)`` int64 indices.
 
     Raises:
+        TypeError: complex weights.
         ValueError: if the weights have no positive mass.
     """
     if rows is None:
         rows = row_sums(weights)
-    cdf = np.cumsum(rows.ravel(), dtype=np.float64)
-    total = float(cdf[-1])
-    if not total > 0:
+    if np.issubdtype(rows.dtype, np.floating) and not np.isfinite(rows).all():
+        weights = _scaled_to_unit_max(weights)
+        rows = row_sums(weights)
+    peak = float(rows.max()) if rows.size else 0.0
+    if not peak > 0:
         raise ValueError("the weights have no positive mass.")
-    u = (1.0 - rng.random_sample(n)) * total
+    cdf = np.cumsum(np.divide(rows.ravel(), peak, dtype=np.float64))
+    u = (1.0 - rng.random_sample(n)) * cdf[-1]
     flat_rows = np.minimum(np.searchsorted(cdf, u, side="left"), cdf.size - 1)
     row_index = np.unravel_index(flat_rows, weights.shape[:-1])
     picked = weights[row_index]
-    within = np.cumsum(picked.view(np.uint8) if picked.dtype == np.bool_ else picked, axis=1, dtype=np.float64)
+    if picked.dtype == np.bool_:
+        picked = picked.view(np.uint8)
+    within = np.cumsum(np.divide(picked, picked.max(1, keepdims=True), dtype=np.float64), axis=1)
     v = (1.0 - rng.random_sample(n)) * within[:, -1]
     cols = np.minimum((within < v[:, None]).sum(1), weights.shape[-1] - 1)
     return np.stack([*row_index, cols], 1).astype(np.int64)
 
 
-def _check_weights(weights: np.ndarray, key: Hashable) -> None:
-    """Reject negative, NaN and infinite weights (a min and a max pass; no temporary volume)."""
+def _check_weights(weights: np.ndarray, key: Hashable) -> float:
+    """The largest weight, after rejecting complex, negative, NaN and infinite weights (a min and a max pass).
+
+    Raises:
+        TypeError: complex weights.
+        ValueError: negative, NaN or infinite weights.
+    """
     if weights.dtype == np.bool_:
-        return
+        return float(weights.any())
+    if np.issubdtype(weights.dtype, np.complexfloating):
+        raise TypeError(
+            f"WeightedSampler: probability map {key!r} is complex ({weights.dtype}); weights must be real and >= 0 "
+            "(e.g. store its magnitude, x.abs())."
+        )
     lo, hi = float(weights.min()), float(weights.max())
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"probability map {key!r} contains NaN.")
@@ -83,10 +122,14 @@ def _check_weights(weights: np.ndarray, key: Hashable) -> None:
         raise ValueError(f"probability map {key!r} has negative values (min {lo}); probabilities must be >= 0.")
     if math.isinf(hi):
         raise ValueError(f"probability map {key!r} contains infinite values.")
+    return hi
 
 
 def no_mass_message(what: str, patch_size: tuple[int, ...]) -> str:
-    """Why a map has no mass on valid centres, and how much padding makes every voxel a valid centre."""
+    """Why a map that has mass has none on valid centres, and how much padding makes every voxel a valid centre.
+
+    Only for a map whose mass lies entirely outside the valid centres (padding would then help).
+    """
     before = tuple(p // 2 for p in patch_size)
     after = tuple((p - 1) // 2 for p in patch_size)
     return (
@@ -102,7 +145,8 @@ class WeightedSampler(PatchSampler):
 
     The centre ``c`` of a patch of size ``P`` has corner ``c - P // 2``. Only valid centres (``P//2 ... S-1-(P-1)//2``
     on each axis) can be drawn: mass outside them is ignored, never clamped into the border. Channel 0 of the map
-    is used; it may have any real dtype and need not be normalised.
+    is used; it may have any real dtype (64-bit integers and float64 values near float64's maximum included: the sums
+    are scaled, so they neither wrap nor overflow) and need not be normalised.
 
     Args:
         patch_size: as :class:`~monai_patchplug.PatchSampler`.
@@ -113,8 +157,10 @@ class WeightedSampler(PatchSampler):
             :class:`~monai_patchplug.PatchSampler`. With MONAI's arguments, ``num_samples`` defaults to 1 (a list).
 
     Raises:
-        TypeError: no map key.
-        ValueError: at call time, for a map with negative, NaN or infinite values, or without mass on valid centres.
+        TypeError: no map key; at call time, a complex map.
+        ValueError: ``patch_size`` and ``spatial_size`` giving different sizes; at call time, a map with negative,
+            NaN or infinite values, whose channel 0 is all zero, or whose mass lies only outside the valid centres
+            (the message then says how much padding makes every voxel a valid centre).
         KeyError: at call time, if the map key is missing.
     """
 
@@ -148,12 +194,32 @@ class WeightedSampler(PatchSampler):
     def draw_corners(
         self, data: Mapping[Hashable, Any], spatial_shape: tuple[int, ...], patch_size: tuple[int, ...], n: int
     ) -> np.ndarray:
-        """Corners of ``n`` centres drawn from channel 0 of the map. Allocates the row sums, not a volume."""
+        """Corners of ``n`` centres drawn from channel 0 of the map.
+
+        Allocates what :func:`draw_from_weights` does: the row sums and ``n`` rows, not a volume (but for float64
+        maps whose values are near float64's maximum, see there).
+
+        Raises:
+            TypeError: a complex map.
+            ValueError: negative, NaN or infinite values; no mass in channel 0; mass only outside the valid centres.
+        """
         weights = host_array(data[self.probability_map])[0]
-        _check_weights(weights, self.probability_map)
+        peak = _check_weights(weights, self.probability_map)
+        if peak == 0:
+            raise ValueError(self._zero_message(data[self.probability_map]))
         try:
             return draw_from_weights(valid_region(weights, patch_size), n, self.R)
         except ValueError:
             raise ValueError(
-                no_mass_message(f"probability map {self.probability_map!r} has no mass", patch_size)
+                no_mass_message(f"WeightedSampler: probability map {self.probability_map!r} has no mass", patch_size)
             ) from None
+
+    def _zero_message(self, prob: Any) -> str:
+        """Error text for a map whose channel 0 is all zero, naming the other channels that have mass, if any."""
+        text = f"WeightedSampler: probability map {self.probability_map!r} has no mass: channel 0 is all zero."
+        full = host_array(prob)
+        if full.shape[0] > 1:
+            others = [c for c in range(1, full.shape[0]) if full[c].any()]
+            text += f" Only channel 0 of its {full.shape[0]} channels is read"
+            text += f"; channels {others} have mass: store the one to sample from alone." if others else "."
+        return text
