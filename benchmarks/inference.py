@@ -53,7 +53,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 import monai_patchplug as mpp
-from monai_patchplug.inference.aggregator import zeros_volume
+from monai_patchplug.inference.blend import zeros_volume
 
 # (library, our mode / MONAI mode / TorchIO mode), in table order; the label pairs rows that do the same blending
 METHODS = [

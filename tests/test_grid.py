@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms.croppad.functional import pad_nd
 
 import monai_patchplug as mpp
-from monai_patchplug.sampling.grid import axis_corners, crop_boundaries, make_grid, resolve_overlap
+from monai_patchplug.grid import axis_corners, crop_boundaries, make_grid, resolve_overlap
 
 
 @st.composite

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import monai_patchplug as mpp
-from monai_patchplug.inference.aggregator import BlendPlan
+from monai_patchplug.inference.blend import BlendPlan
 from monai_patchplug.inference.roi import patches_in_roi
-from monai_patchplug.inference.streaming import SlabWriter
+from monai_patchplug.inference.sinks import SlabSink
 
 MODES = ["crop", "average", "hann"]
 
@@ -136,20 +136,20 @@ def test_memmap_destination_and_slabs_written_while_the_network_still_runs(tmp_p
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_slab_writer_holds_at_most_one_row_of_patches(mode):
+def test_slab_sink_holds_at_most_one_row_of_patches(mode):
     """Grid order: the live accumulators never cover more output rows than one patch row (Q rows)."""
     sampler = mpp.GridSampler((6, 5, 4), (2, 1, 1))
     geometry = sampler.plan((29, 11, 9))
     plan = BlendPlan(geometry, mode, geometry.patch_size)
     out = torch.zeros(1, 29, 11, 9)
-    writer = SlabWriter(plan, geometry.grid_shape, 1, torch.float32, torch.device("cpu"), out)
+    writer = SlabSink(plan, 1, torch.float32, torch.device("cpu"), out)
     image = torch.randn(1, 29, 11, 9)
     live = []
     for index in itertools.product(*[range(n) for n in geometry.grid_shape]):
         box = tuple(slice(c[j], c[j] + p) for c, j, p in zip(geometry.corners, index, geometry.patch_size))
         writer.add(image[(slice(None), *box)][None], [index])
         live.append(sum(b.shape[1] for b in writer._buffers.values()))
-    assert writer.finished and max(live) <= 6
+    assert writer.finish() is out and max(live) <= 6
     torch.testing.assert_close(out, image)
 
 

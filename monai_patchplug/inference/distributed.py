@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_same_on_ranks", "reduce_sum_", "resolve_group", "share"]
+__all__ = ["check_same_on_ranks", "collective_device", "reduce_sum_", "resolve_group", "share"]
 
 _WIDTH = 16  # entries of the fixed-size vectors the ranks compare
 
@@ -46,20 +46,21 @@ def share(n: int, rank: int, world: int) -> slice:
     return slice(rank * n // world, (rank + 1) * n // world)
 
 
-def _device(group: Any) -> torch.device:
+def collective_device(group: Any) -> torch.device:
     """Where the group's collectives take tensors (the current CUDA device for NCCL, else the CPU)."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def check_same_on_ranks(group: Any, values: Sequence[int], what: str) -> None:
+def check_same_on_ranks(group: Any, values: Sequence[int], what: str, who: str) -> None:
     """Raise on every rank unless every rank of ``group`` passes the same ``values`` (at most 15 ints).
 
     Args:
         group: the process group.
         values: what must agree (e.g. the input's shape).
         what: a description of ``values`` for the message.
+        who: the public class named in the message.
 
     Raises:
         ValueError: ranks disagree, naming each rank's values.
@@ -68,13 +69,13 @@ def check_same_on_ranks(group: Any, values: Sequence[int], what: str) -> None:
     vector = torch.full((_WIDTH,), -1, dtype=torch.int64)
     vector[0] = len(values)
     vector[1 : 1 + len(values)] = torch.as_tensor(list(values), dtype=torch.int64)
-    vector = vector.to(_device(group))
+    vector = vector.to(collective_device(group))
     gathered = [torch.empty_like(vector) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, vector, group=group, async_op=True).wait()
     rows = [g.cpu().tolist() for g in gathered]
     if any(row != rows[0] for row in rows):
         seen = {rank: row[1 : 1 + row[0]] for rank, row in enumerate(rows)}
-        raise ValueError(f"the ranks of the process group disagree on {what}: {seen} (rank: values).")
+        raise ValueError(f"{who}: the ranks of the process group disagree on {what}: {seen} (rank: values).")
 
 
 def reduce_sum_(tensor: torch.Tensor, group: Any, dst: int | None) -> None:

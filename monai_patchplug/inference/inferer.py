@@ -1,15 +1,15 @@
-"""GridInferer: a MONAI ``Inferer`` that runs a network over a regular patch grid and aggregates its outputs.
+"""GridInferer: MONAI's front end to grid inference, usable wherever MONAI takes an ``Inferer``.
 
-It lays the same grid as :class:`~monai_patchplug.GridSampler` over a ``(B, C, *spatial)`` batch, cuts the patches of
-all batch items as one flat sequence (so one network call can hold patches of two items and the number of calls is
-``ceil(B * num_patches / batch_size)``), and puts each output back with a :class:`BlendPlan`: no weight or count map,
-float32 accumulation, one batch of patches in flight (the patch weights are built in the input batch's buffer once
-the network has returned).
+A call is a short sequence of steps: resolve the grid and the patches to run (:meth:`GridInferer._prepare`), cut
+them into batches (:class:`_Batches`: the patches of all batch items as one flat sequence, so one network call can
+hold patches of two items), run the network, hand its outputs to one sink per output and item (:mod:`.sinks`), and
+finish the sinks. The blending itself is :class:`~.blend.BlendPlan`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,18 +20,13 @@ from monai.inferers import Inferer
 from monai.utils import optional_import
 
 from .._shapes import TypeSpatialShape, fill_patch_size, resolve_patch_size
-from ..sampling.grid import (
-    GridGeometry,
-    TypePaddingMode,
-    make_grid,
-    pad_batch,
-    resolve_overlap,
-)
-from .aggregator import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
-from .distributed import check_same_on_ranks, reduce_sum_, resolve_group, share
+from ..grid import GridGeometry, TypePaddingMode, make_grid, pad_batch, resolve_overlap
+from .blend import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
+from .distributed import check_same_on_ranks, resolve_group, share
 from .monai_args import overlap_from_fraction, sliding_window_settings
-from .scale_out import allocate_destination, check_scale_out_options, item_runs, run_mask
-from .streaming import SlabWriter, check_destination
+from .options import check_device, check_scale_out
+from .roi import run_mask
+from .sinks import PatchSink, allocate_destination, check_destination, open_sink
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -39,10 +34,11 @@ __all__ = ["GridInferer"]
 
 TypeNetworkOutput = torch.Tensor | Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]
 
+WHO = "GridInferer"
 _KEPT_PLANS = 8  # blend plans a GridInferer keeps between calls
 
 
-def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[list[Any]], Any]]:
     """The tensors of a network output and a function that rebuilds the same structure from new tensors."""
     if isinstance(output, torch.Tensor):
         return [output], lambda items: items[0]
@@ -55,7 +51,7 @@ def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[l
             return list(output), lambda items: kind(*items)
         return list(output), lambda items: kind(items)
     raise TypeError(
-        "GridInferer: the network must return a tensor, or a non-empty tuple/list or dict of tensors, "
+        f"{WHO}: the network must return a tensor, or a non-empty tuple/list or dict of tensors, "
         f"got {type(output).__name__}{' (empty)' if isinstance(output, Sized) and not len(output) else ''}."
     )
 
@@ -78,6 +74,101 @@ def _address_range(tensor: torch.Tensor) -> tuple[int, int]:
     """The ``[start, stop)`` addresses of ``tensor``'s storage."""
     storage = tensor.untyped_storage()
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+@dataclass
+class _Job:
+    """One call's resolved grid, devices and share of the patches."""
+
+    geometry: GridGeometry
+    n_items: int
+    padded: torch.Tensor
+    #: ``(n_items, *grid_shape)`` booleans: the patches to run (the others are skipped, filled)
+    run: np.ndarray
+    #: the flat indices ``item * num_patches + patch`` this process runs
+    mine: list[int]
+    #: this process runs no patch: one network call on the first patch learns the output's structure
+    probe: bool
+    group: Any
+    device: torch.device
+    sw_device: torch.device
+    kwargs: dict
+    boxes: list[tuple[slice, ...]] = field(default_factory=list)
+    grid_index: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        corners = self.geometry.corner_array().tolist()
+        self.boxes = [tuple(slice(c, c + p) for c, p in zip(corner, self.geometry.patch_size)) for corner in corners]
+        shape = self.geometry.grid_shape
+        self.grid_index = np.stack(np.unravel_index(np.arange(self.geometry.num_patches), shape), 1).tolist()
+
+    def item_runs(self, chunk: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+        """``(item, lo, hi)``: the consecutive stretches of ``chunk`` (flat indices) that belong to one item."""
+        n, lo = self.geometry.num_patches, 0
+        for hi in range(1, len(chunk) + 1):
+            if hi == len(chunk) or chunk[hi] // n != chunk[lo] // n:
+                yield chunk[lo] // n, lo, hi
+                lo = hi
+
+
+@dataclass
+class _Output:
+    """One network output's blend plan, channels, sinks (one per batch item) and the volume they fill."""
+
+    plan: BlendPlan
+    channels: int
+    sinks: list[PatchSink]
+    #: the ``(B, C', *spatial_out)`` result: the in-memory accumulator, or the streamed destination
+    volume: Any
+
+
+def _has_forward_hooks(network: Any) -> bool:
+    """Whether ``network`` is an ``nn.Module`` that runs forward hooks (its own, a submodule's or global ones),
+    which may keep the input batch they see."""
+    if not isinstance(network, torch.nn.Module):
+        return False
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in network.modules())
+
+
+class _Batches:
+    """The network's input batches of one call.
+
+    Every batch is stacked into one buffer, allocated at the first batch and refilled for every call (fresh large
+    allocations cost page faults on every batch); once the network has returned and no output shares its memory,
+    the buffer is lent to the blend as scratch for patch weights. Every batch is a new tensor instead while
+    autograd records (the input, or the first batch's outputs, require grad), and whenever the network is an
+    ``nn.Module`` with forward hooks, since a hook may keep the batch it sees.
+    """
+
+    def __init__(self, job: _Job, size: int, network: Any) -> None:
+        self.job, self.size = job, size
+        self.hooked = _has_forward_hooks(network)
+        self.graph = torch.is_grad_enabled()  # until a batch's outputs show that autograd records nothing
+        self.buffer: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.job.mine) // self.size)
+
+    def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor]]:
+        job = self.job
+        n = job.geometry.num_patches
+        for first in range(0, len(job.mine), self.size):
+            chunk = job.mine[first : first + self.size]
+            views = [job.padded[k // n][(..., *job.boxes[k % n])] for k in chunk]
+            if self.graph or self.hooked:
+                yield chunk, torch.stack(views)
+                continue
+            if self.buffer is None:
+                shape = (min(self.size, len(job.mine)), job.padded.shape[1], *job.geometry.patch_size)
+                self.buffer = job.padded.new_empty(shape)
+            yield chunk, torch.stack(views, out=self.buffer[: len(chunk)])
+
+    def scratch(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Note whether autograd records the network; the buffer when it may take patch weights now."""
+        self.graph = self.graph and (self.job.padded.requires_grad or any(o.requires_grad for o in outputs))
+        return reusable_input(self.buffer, outputs)
 
 
 class GridInferer(Inferer):
@@ -138,10 +229,11 @@ class GridInferer(Inferer):
 
     The inferer keeps the blend plans of the last few grids (per-axis weights, at most a 1 MiB store of built patch
     weights each; see :meth:`plan`), so repeated calls on inputs of one shape do not rebuild them; one instance
-    should therefore not be called from several threads at once. Unless autograd records the network, the batch of
-    patches handed to the network is one buffer, refilled for every call and, once the network has returned (and no
-    output shares its memory), overwritten with patch weights: a network must not keep its input past the call
-    (a hook that stores it should store a copy). With autograd recording, every call gets a new batch.
+    should therefore not be called from several threads at once. The batch of patches handed to the network is one
+    buffer, refilled for every call and, once the network has returned (and no output shares its memory),
+    overwritten with patch weights, so a plain callable must not keep its input past the call. Every call gets a
+    new batch instead while autograd records, and when the network is an ``nn.Module`` with forward hooks (or
+    global ones are registered), so a hook may keep the input it sees.
 
     Raises:
         TypeError, ValueError: bad sizes, overlap, mode, batch size or padding mode, one setting given under our
@@ -203,27 +295,25 @@ class GridInferer(Inferer):
         )
         self.patch_size = self.settings.patch_size
         self.patch_overlap = self.settings.patch_overlap
-        self.overlap_mode = check_overlap_mode(self.settings.overlap_mode)
+        self.overlap_mode = check_overlap_mode(self.settings.overlap_mode, WHO)
         self.batch_size = self.settings.batch_size
         self.padding_mode = padding_mode
-        self.device = device
-        self.sw_device = sw_device
+        self.device = check_device(device, "device", WHO)
+        self.sw_device = check_device(sw_device, "sw_device", WHO)
         self.progress = progress
         self.cache_roi_weight_map, self.buffer_steps, self.buffer_dim = cache_roi_weight_map, buffer_steps, buffer_dim
-        check_scale_out_options(postprocess, dst)
-        self.output, self.postprocess, self.roi_mask, self.fill_value = output, postprocess, roi_mask, float(fill_value)
-        self.distributed, self.process_group, self.dst = bool(distributed), process_group, dst
+        self.options = check_scale_out(WHO, output, postprocess, roi_mask, fill_value, distributed, process_group, dst)
         self._plans: dict[tuple, BlendPlan] = {}
 
     def plan(
         self, geometry: GridGeometry, out_patch: Sequence[int], device: torch.device, dtype: torch.dtype
     ) -> BlendPlan:
-        """The :class:`BlendPlan` of ``geometry`` for network output patches of spatial shape ``out_patch``.
+        """The :class:`~.blend.BlendPlan` of ``geometry`` for network output patches of spatial shape ``out_patch``.
 
         Plans are kept between calls (a few per inferer, dropped when inputs of other shapes come), so repeated
         calls on inputs of one shape reuse the weights they built, except ``gaussian`` plans, which hold a
-        volume of summed weights. Allocates a :class:`BlendPlan` when none is kept for this grid, output patch,
-        device and dtype.
+        volume of summed weights. Allocates a :class:`~.blend.BlendPlan` when none is kept for this grid, output
+        patch, device and dtype.
 
         Raises:
             ValueError: an ``out_patch`` of another rank than the grid, or one that scales the volume to nothing.
@@ -233,7 +323,7 @@ class GridInferer(Inferer):
         key = (geometry, self.overlap_mode, sigma, tuple(int(q) for q in out_patch), torch.device(device), dtype)
         plan = self._plans.get(key)
         if plan is None:
-            plan = BlendPlan(geometry, self.overlap_mode, out_patch, device, dtype, self.settings.sigma_scale)
+            plan = BlendPlan(geometry, self.overlap_mode, out_patch, device, dtype, self.settings.sigma_scale, WHO)
             if plan.inv_norm_volume is None:
                 if len(self._plans) >= _KEPT_PLANS:
                     self._plans.clear()
@@ -262,7 +352,7 @@ class GridInferer(Inferer):
         """Run ``network`` over the grid of every item of ``inputs`` and aggregate.
 
         Args:
-            inputs: ``(B, C, *spatial)`` with 2 or 3 spatial dims (tensor or MetaTensor).
+            inputs: ``(B, C, *spatial)`` with 2 or 3 spatial dims (tensor, MetaTensor or numpy array).
             network: called as ``network(patches, *args, **kwargs)`` on ``(n, C, *patch_size)`` batches on
                 ``sw_device``.
             args, kwargs: passed on to ``network``.
@@ -280,164 +370,160 @@ class GridInferer(Inferer):
                 dimensions do not fit the patches; an ``output`` of the wrong shape, or slabs whose shape, dtype kind
                 or integer range do not fit it (raised before anything is written); a ``roi_mask`` of another shape;
                 sharded: ranks with different input shapes, masks or network outputs (on every rank, no hang).
-            TypeError: a network output that is not a tensor, a tuple/list or a dict of tensors; an ``output``
-                without ``shape``/slice assignment.
+            TypeError: inputs that are not a tensor or array; a network output that is not a tensor, a tuple/list
+                or a dict of tensors; an ``output`` without ``shape``/slice assignment.
             KeyError: ``roi_mask`` names a keyword argument that was not passed.
             RuntimeError: sharding without an initialised process group; a collective that timed out.
         """
+        job = self._prepare(inputs, kwargs)
+        batches = _Batches(job, self.batch_size, network)
+        steps: Any = batches
+        if self.progress and has_tqdm:
+            steps = tqdm(batches, total=len(batches), desc=WHO)
+        opened: list[_Output] = []
+        rebuild: Callable[[list[Any]], Any] = list
+        for chunk, window in steps:
+            outputs, rebuild = _flatten(network(window.to(job.sw_device), *args, **job.kwargs))
+            scratch = batches.scratch(outputs)
+            if not opened:
+                opened = self._open_sinks(job, outputs, window, rebuild)
+            if job.probe:
+                break
+            self._hand_over(job, opened, outputs, window, chunk, scratch)
+            del outputs  # free this batch's outputs before the network allocates the next ones
+        return self._finish(opened, rebuild, inputs)
 
+    def _prepare(self, inputs: Any, kwargs: dict) -> _Job:
+        """Check the input, lay the grid, pick the devices and this process's share of the patches to run."""
+        if not isinstance(inputs, torch.Tensor | np.ndarray):
+            raise TypeError(f"{WHO}: inputs must be a tensor or a numpy array, got {type(inputs).__name__}.")
         if inputs.ndim not in (4, 5) or 0 in inputs.shape:
             raise ValueError(
-                f"GridInferer: inputs must be (B, C, H, W[, D]) with no empty axis, got shape {tuple(inputs.shape)}."
+                f"{WHO}: inputs must be (B, C, H, W[, D]) with no empty axis, got shape {tuple(inputs.shape)}."
             )
-        spatial = tuple(int(s) for s in inputs.shape[2:])
-        n_items = int(inputs.shape[0])
+        images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
+        spatial = tuple(int(s) for s in images.shape[2:])
+        n_items = int(images.shape[0])
         geometry = self.geometry(spatial)
-        settings = self.settings
-        group = resolve_group(self.distributed, self.process_group)
-        streaming = self.output is not None or self.postprocess is not None
-        if group is not None and streaming:
-            raise ValueError(
-                "GridInferer: output=/postprocess= (streaming) cannot be combined with distributed inference; use "
-                "dst=<rank> and postprocess the returned volume on that rank."
-            )
-        roi = self.roi_mask
-        if isinstance(roi, str):
-            if roi not in kwargs:
-                raise KeyError(
-                    f"GridInferer: roi_mask={roi!r} names a keyword argument of the call (not passed to the network), "
-                    f"e.g. inferer(image, network, {roi}=batch[{roi!r}]); none was given."
-                )
-            kwargs = dict(kwargs)
-            roi = kwargs.pop(self.roi_mask)
-        n_patches = geometry.num_patches
-        run = run_mask(roi, geometry, n_items)
-        if self.output is not None:
-            check_destination(self.output, (n_items,), len(spatial))
+        group = resolve_group(self.options.distributed, self.options.process_group, WHO)
+        run, kwargs = self._patches_to_run(geometry, n_items, kwargs)
+        if self.options.output is not None:
+            check_destination(self.options.output, (n_items,), len(spatial), WHO)
         rank, world = 0, 1
         if group is not None:
             rank, world = dist.get_rank(group), dist.get_world_size(group)
             what = "the input's shape (B, C, *spatial) and the number of patches to run"
-            check_same_on_ranks(group, [*inputs.shape, int(run.sum())], what)
+            check_same_on_ranks(group, [*images.shape, int(run.sum())], what, WHO)
         todo = np.flatnonzero(run.reshape(-1))
         mine = todo[share(len(todo), rank, world)].tolist()
-        probe = not mine  # no patch to run here: one network call on the first patch learns the output's structure
-        if probe:
-            mine = [0]
-
-        mode, pad_kwargs = settings.pad if settings.pad is not None else ("constant", {})
-        images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        padded = pad_batch(images, geometry, mode, **pad_kwargs)
-        corners = geometry.corner_array().tolist()
-        grid_index = np.stack(np.unravel_index(np.arange(n_patches), geometry.grid_shape), 1).tolist()
-        boxes = [tuple(slice(c, c + p) for c, p in zip(corner, geometry.patch_size)) for corner in corners]
-        sw_device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device
-        device = torch.device(self.device) if self.device is not None else inputs.device
-        if settings.cpu_thresh is not None and int(np.prod(spatial)) > settings.cpu_thresh:
+        mode, pad_kwargs = self.settings.pad if self.settings.pad is not None else ("constant", {})
+        device = self.device or images.device
+        if self.settings.cpu_thresh is not None and int(np.prod(spatial)) > self.settings.cpu_thresh:
             device = torch.device("cpu")
+        return _Job(
+            geometry=geometry,
+            n_items=n_items,
+            padded=pad_batch(images, geometry, mode, **pad_kwargs),
+            run=run,
+            mine=mine or [0],
+            probe=not mine,
+            group=group,
+            device=device,
+            sw_device=self.sw_device or images.device,
+            kwargs=kwargs,
+        )
 
-        plans: list[BlendPlan] = []
-        dtypes: list[torch.dtype] = []
-        channels: list[int] = []
-        volumes: list[torch.Tensor] = []
-        writers: list[SlabWriter] = []
-        destination: Any = self.output
-        rebuild: Callable[[list[torch.Tensor]], Any] = list
-        buffer: torch.Tensor | None = None
-        graph = torch.is_grad_enabled()  # until a batch's outputs show that autograd records nothing
-        size = self.batch_size
-        starts: Iterable[int] = range(0, len(mine), size)
-        if self.progress and has_tqdm:
-            starts = tqdm(starts, total=-(-len(mine) // size), desc="GridInferer")
-        for first in starts:
-            chunk = mine[first : first + size]
-            views = [padded[k // n_patches][(..., *boxes[k % n_patches])] for k in chunk]
-            if graph:  # autograd may keep each batch for the backward pass
-                window = torch.stack(views)
-            else:  # one patch buffer for the whole run: fresh large allocations cost page faults on every batch
-                if buffer is None:
-                    buffer = padded.new_empty((min(size, len(mine)), *padded.shape[1:2], *geometry.patch_size))
-                window = torch.stack(views, out=buffer[: len(chunk)])
-            outputs, rebuild = _flatten(network(window.to(sw_device), *args, **kwargs))
-            # the batch can be reused once autograd is seen to record nothing (and stacking into it records nothing)
-            graph = graph and (padded.requires_grad or any(o.requires_grad for o in outputs))
-            scratch = reusable_input(buffer, outputs)
-            if not plans:
-                for out in outputs:
-                    self._check_output(out, window)
-                    dtype = accumulator_dtype(self.overlap_mode, out.dtype)
-                    plan = self.plan(geometry, out.shape[2:], device, dtype)
-                    plans.append(plan)
-                    dtypes.append(dtype)
-                    channels.append(int(out.shape[1]))
-                    if not streaming:
-                        volumes.append(zeros_volume((n_items, channels[-1], *plan.out_shape), dtype, device))
-                if streaming:
-                    if len(outputs) != 1 or not isinstance(rebuild([outputs[0]]), torch.Tensor):
-                        raise ValueError("GridInferer: output=/postprocess= need a network that returns one tensor.")
-                    if destination is None:
-                        destination = allocate_destination(
-                            self.postprocess, plans[0], channels[0], n_items, device, dtypes[0]
-                        )
-                    writers = [
-                        SlabWriter(
-                            plans[0],
-                            geometry.grid_shape,
-                            channels[0],
-                            dtypes[0],
-                            device,
-                            destination,
-                            (item,),
-                            self.postprocess,
-                            run[item].reshape(geometry.grid_shape),
-                            self.fill_value,
-                        )
-                        for item in range(n_items)
-                    ]
-            elif len(outputs) != len(plans):
-                raise ValueError(f"GridInferer: the network returned {len(outputs)} outputs, earlier {len(plans)}.")
-            if probe:
-                break
-            for o, (out, plan) in enumerate(zip(outputs, plans)):
-                self._check_output(out, window, (channels[o], *plan.out_patch))
-                out = out.as_tensor() if isinstance(out, MetaTensor) else out
-                out = out.to(device=device, dtype=dtypes[o])
-                for item, lo, hi in item_runs(chunk, n_patches):
-                    index = [grid_index[k % n_patches] for k in chunk[lo:hi]]
-                    if writers:
-                        writers[item].add(out[lo:hi], index)
-                    else:
-                        plan.add(volumes[o][item], out[lo:hi], index, scratch=scratch)
-            del outputs, out  # free this batch's outputs before the network allocates the next ones
+    def _patches_to_run(self, geometry: GridGeometry, n_items: int, kwargs: dict) -> tuple[np.ndarray, dict]:
+        """The ``(n_items, *grid_shape)`` patches ``roi_mask`` keeps, and the network's keyword arguments (without
+        the mask when ``roi_mask`` names one of them)."""
+        roi = self.options.roi_mask
+        if isinstance(roi, str):
+            if roi not in kwargs:
+                raise KeyError(
+                    f"{WHO}: roi_mask={roi!r} names a keyword argument of the call (not passed to the network), "
+                    f"e.g. inferer(image, network, {roi}=batch[{roi!r}]); none was given."
+                )
+            kwargs = dict(kwargs)
+            roi = kwargs.pop(self.options.roi_mask)
+        return run_mask(roi, geometry, n_items, WHO), kwargs
 
-        if streaming:
-            if not all(w.finished for w in writers):  # every segment's patches were added: cannot happen
-                raise RuntimeError("GridInferer: some output slabs were never finished.")
-            if self.output is None and isinstance(inputs, MetaTensor):
-                return MetaTensor(destination).copy_meta_from(inputs)
-            return destination
+    def _open_sinks(
+        self, job: _Job, outputs: list[torch.Tensor], window: torch.Tensor, rebuild: Callable[[list[Any]], Any]
+    ) -> list[_Output]:
+        """One sink per network output and batch item, shaped by the first batch's outputs (allocates the output
+        volumes, or the destination for ``postprocess`` without ``output``)."""
+        options = self.options
+        if options.streaming and (len(outputs) != 1 or not isinstance(rebuild([outputs[0]]), torch.Tensor)):
+            raise ValueError(f"{WHO}: output=/postprocess= need a network that returns one tensor.")
+        opened = []
+        for out in outputs:
+            self._check_output(out, window)
+            dtype = accumulator_dtype(self.overlap_mode, out.dtype)
+            plan = self.plan(job.geometry, out.shape[2:], job.device, dtype)
+            channels = int(out.shape[1])
+            if not options.streaming:
+                volume = zeros_volume((job.n_items, channels, *plan.out_shape), dtype, job.device)
+            elif options.output is None:
+                leading = (job.n_items,)
+                volume = allocate_destination(options.postprocess, plan, channels, leading, job.device, dtype, WHO)
+            else:
+                volume = options.output
+            sinks = [
+                open_sink(
+                    plan,
+                    channels,
+                    dtype,
+                    job.device,
+                    volume=None if options.streaming else volume[item],
+                    destination=volume if options.streaming else None,
+                    prefix=(item,),
+                    postprocess=options.postprocess,
+                    run=job.run[item],
+                    fill_value=options.fill_value,
+                    group=job.group,
+                    dst=options.dst,
+                    who=WHO,
+                )  # fmt: skip
+                for item in range(job.n_items)
+            ]
+            opened.append(_Output(plan, channels, sinks, volume))
+        return opened
+
+    def _hand_over(
+        self,
+        job: _Job,
+        opened: list[_Output],
+        outputs: list[torch.Tensor],
+        window: torch.Tensor,
+        chunk: list[int],
+        scratch: torch.Tensor | None,
+    ) -> None:
+        """Give each output's patches to the sinks of their items."""
+        if len(outputs) != len(opened):
+            raise ValueError(f"{WHO}: the network returned {len(outputs)} outputs, earlier {len(opened)}.")
+        n = job.geometry.num_patches
+        for out, target in zip(outputs, opened):
+            self._check_output(out, window, (target.channels, *target.plan.out_patch))
+            out = out.as_tensor() if isinstance(out, MetaTensor) else out
+            out = out.to(device=target.plan.device, dtype=target.plan.dtype)
+            for item, lo, hi in job.item_runs(chunk):
+                index = [job.grid_index[k % n] for k in chunk[lo:hi]]
+                target.sinks[item].add(out[lo:hi], index, scratch)
+
+    def _finish(
+        self, opened: list[_Output], rebuild: Callable[[list[Any]], Any], inputs: Any
+    ) -> TypeNetworkOutput | None:
+        """Finish every sink and return the network's structure of volumes (MetaTensors for a MetaTensor input, but
+        for a caller's ``output``); ``None`` on the ranks other than ``dst``."""
         results = []
-        fill = float(self.fill_value)
-        for o, (plan, volume) in enumerate(zip(plans, volumes)):
-            if fill != 0 and rank == 0 and not run.all():  # one rank adds the skipped patches' fill
-                value = torch.full((), fill, dtype=volume.dtype, device=volume.device)
-                for item in range(n_items):
-                    index = [grid_index[k] for k in np.flatnonzero(~run[item])]
-                    if index:
-                        plan.add(volume[item], value.expand(len(index), volume.shape[1], *plan.out_patch), index)
-            if group is not None:
-                what = f"output {o}'s shape and element size (ranks ran networks that disagree)"
-                check_same_on_ranks(group, [*volume.shape, volume.element_size()], what)
-                reduce_sum_(volume, group, self.dst)
-                if self.dst is not None and dist.get_rank() != self.dst:
-                    continue
-            plan.normalise_(volume)
-            if isinstance(inputs, MetaTensor):
-                volume = MetaTensor(volume).copy_meta_from(inputs)
-            results.append(volume)
-        if group is not None and self.dst is not None and dist.get_rank() != self.dst:
-            return None
-        return rebuild(results)
+        for target in opened:
+            finished = [sink.finish() for sink in target.sinks]  # each normalises its item of the volume in place
+            if any(f is None for f in finished):
+                return None
+            results.append(target.volume)
+        if isinstance(inputs, MetaTensor) and self.options.output is None:
+            results = [MetaTensor(r).copy_meta_from(inputs) for r in results]
+        return results[0] if self.options.streaming else rebuild(results)
 
     @staticmethod
     def _check_output(out: Any, window: torch.Tensor, expected: tuple[int, ...] | None = None) -> None:
@@ -445,10 +531,10 @@ class GridInferer(Inferer):
         if not isinstance(out, torch.Tensor) or out.ndim != window.ndim or out.shape[0] != window.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                f"GridInferer: the network returned {got} for patches of shape {tuple(window.shape)}; expected "
+                f"{WHO}: the network returned {got} for patches of shape {tuple(window.shape)}; expected "
                 f"(n, C_out, *spatial) with n = {window.shape[0]}."
             )
         if expected is not None and tuple(out.shape[1:]) != expected:
             raise ValueError(
-                f"GridInferer: the network returned patches of shape {tuple(out.shape[1:])}, earlier {expected}."
+                f"{WHO}: the network returned patches of shape {tuple(out.shape[1:])}, earlier {expected}."
             )

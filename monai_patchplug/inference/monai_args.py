@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..sampling.grid import TypePaddingMode, check_overlap_fits, check_padding_mode
+from ..grid import TypePaddingMode, check_overlap_fits, check_padding_mode
 from ..sampling.monai_args import pick
 
 __all__ = ["InfererSettings", "sliding_window_settings", "overlap_from_fraction"]

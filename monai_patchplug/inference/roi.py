@@ -17,12 +17,25 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from ..sampling.grid import GridGeometry
+from ..grid import GridGeometry
 
-__all__ = ["patches_in_roi", "resolve_roi_mask"]
+__all__ = ["patches_in_roi", "resolve_roi_mask", "run_mask"]
 
 
-def resolve_roi_mask(roi_mask: Any, n_items: int, spatial_shape: Sequence[int], who: str = "GridInferer") -> np.ndarray:
+def run_mask(roi_mask: Any, geometry: GridGeometry, n_items: int, who: str) -> np.ndarray:
+    """``(n_items, *grid_shape)`` booleans: the patches holding a voxel of ``roi_mask`` (all when it is ``None``).
+
+    Raises:
+        ValueError: a mask of another shape (see :func:`resolve_roi_mask`).
+    """
+    if roi_mask is None:
+        return np.ones((n_items, *geometry.grid_shape), dtype=bool)
+    masks = resolve_roi_mask(roi_mask, n_items, geometry.spatial_shape, who)
+    rows = [patches_in_roi(m, geometry) for m in masks]
+    return np.stack(rows * n_items if len(rows) == 1 else rows)
+
+
+def resolve_roi_mask(roi_mask: Any, n_items: int, spatial_shape: Sequence[int], who: str) -> np.ndarray:
     """The mask as booleans, ``(1 or n_items, *spatial_shape)``.
 
     Args:

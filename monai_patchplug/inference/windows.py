@@ -83,7 +83,8 @@ def axis_windows(
     Allocates ``sum(sizes)`` values.
 
     Raises:
-        ValueError: ``sigma_scale`` with a number of values that does not fit ``sizes``.
+        ValueError: ``sigma_scale`` with a number of values that does not fit ``sizes``, or a window that is not
+            finite and strictly positive everywhere (e.g. a gaussian so narrow that it underflows to zero).
     """
     sigmas = [float(v) for v in np.ravel(sigma_scale)]
     if len(sigmas) == 1:
@@ -91,8 +92,16 @@ def axis_windows(
     if len(sigmas) != len(sizes):
         raise ValueError(f"sigma_scale {sigma_scale!r} does not fit a patch of {len(sizes)} dimensions.")
     if mode == "gaussian":
-        return [gaussian_window(q, sigma_scale=s, dtype=dtype, device=device) for q, s in zip(sizes, sigmas)]
-    return [WINDOWS[mode](q, dtype=dtype, device=device) for q in sizes]
+        windows = [gaussian_window(q, sigma_scale=s, dtype=dtype, device=device) for q, s in zip(sizes, sigmas)]
+    else:
+        windows = [WINDOWS[mode](q, dtype=dtype, device=device) for q in sizes]
+    for axis, w in enumerate(windows):
+        if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+            raise ValueError(
+                f"the {mode!r} window of axis {axis} (size {sizes[axis]}, sigma_scale {sigmas[axis]}) has values that "
+                "are not finite and strictly positive, so the blend would divide by zero; use a larger sigma_scale."
+            )
+    return windows
 
 
 def outer_window(windows: Sequence[torch.Tensor]) -> torch.Tensor:
