@@ -64,6 +64,8 @@ class BlendPlan:
     A network output patch of spatial shape ``Q`` for an input patch ``P`` is scaled by ``Q / P`` per axis: a patch at
     input corner ``c`` lands at output corner ``c * Q // P`` (exact when the product is a multiple of ``P``), in an
     output volume of ``S * Q // P`` voxels, where ``S`` is the unpadded input size; the padding is cropped away.
+    With a ``margin`` ``m`` (valid convolutions), ``Q = P - 2m`` instead and the output patch lands where it belongs,
+    at ``c + m``, in a volume of the input's shape.
 
     ``average`` and ``hann`` are separable: the summed weights at a voxel are the product of per-axis sums, so each
     patch's weight is divided by them up front, one 1-D window per axis and grid position (``w_j / N`` over the
@@ -76,14 +78,18 @@ class BlendPlan:
         overlap_mode: one of :data:`OVERLAP_MODES`.
         out_patch: spatial shape of one output patch.
         device: where the windows and normalisers live (the accumulator's device).
-        dtype: the accumulator's dtype (:func:`accumulator_dtype`), which the patch weight takes.
+        dtype: the accumulator's dtype (:func:`accumulator_dtype`, or a caller's half-precision choice); the patches
+            and weights are added in :attr:`compute_dtype`.
         sigma_scale: the ``gaussian`` window's standard deviation as a fraction of the patch size (one value or
             one per axis), as MONAI's ``sigma_scale``.
         who: the public class named in error messages.
+        margin: per axis, the voxels a valid-convolution network drops on each side of the patch (``None``: the
+            output patch is a scaled patch).
 
     Raises:
-        ValueError: an unknown mode, an ``out_patch`` of another rank than the grid or that scales the volume to
-            nothing, or a window that is not strictly positive (see :func:`~.windows.axis_windows`).
+        ValueError: an unknown mode, an ``out_patch`` of another rank than the grid, one that scales the volume to
+            nothing or, with ``margin``, that is not the patch less the margin on each side; a window that is not
+            strictly positive (see :func:`~.windows.axis_windows`).
 
     Allocates per-axis 1-D tensors; ``gaussian``: one patch-sized weight and its single-channel volume of summed
     weights; ``average``/``hann``: the weights built by :class:`~.patch_weights.PatchWeights` (at most a 1 MiB store,
@@ -99,6 +105,7 @@ class BlendPlan:
         dtype: torch.dtype = torch.float32,
         sigma_scale: float | Sequence[float] = 0.125,
         who: str = "GridInferer",
+        margin: Sequence[int] | None = None,
     ) -> None:
         self.overlap_mode = check_overlap_mode(overlap_mode, who)
         self.grid_shape = geometry.grid_shape
@@ -108,10 +115,13 @@ class BlendPlan:
             )
         self.out_patch = tuple(int(q) for q in out_patch)
         self.device, self.dtype = torch.device("cpu") if device is None else torch.device(device), dtype
+        #: the dtype of the patches and weights added: float32 for a half-precision accumulator, so that each add
+        #: rounds once (into the accumulator) instead of rounding the patch, the weight and their product
+        self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.crop = overlap_mode == "crop"
-        scale = list(zip(self.out_patch, geometry.patch_size))
+        scale, shift = self._placement(geometry.patch_size, margin, who)
         #: per axis, the output start of each patch in padded output coordinates
-        self.starts = [[c * q // p for c in corners] for corners, (q, p) in zip(geometry.corners, scale)]
+        self.starts = [[c * q // p + m for c in corners] for corners, (q, p), m in zip(geometry.corners, scale, shift)]
         padded = [s * q // p for s, (q, p) in zip(geometry.padded_shape, scale)]
         #: where the unpadded volume begins in padded output coordinates
         self.offset = [b * q // p for b, (q, p) in zip(geometry.pad_before, scale)]
@@ -122,9 +132,12 @@ class BlendPlan:
         #: per axis and grid position, ``(lo, hi, start)``: the output range the patch writes (``crop``: owns) and
         #: where the patch begins, in unpadded output coordinates
         self.spans: list[list[tuple[int, int, int]]] = []
-        for corners, starts, (q, p), off, n in zip(geometry.corners, self.starts, scale, self.offset, self.out_shape):
+        axes = zip(
+            geometry.corners, geometry.patch_size, self.out_patch, self.starts, scale, self.offset, self.out_shape
+        )
+        for corners, p, q, starts, ratio, off, n in axes:
             begin = [s - off for s in starts]
-            ranges = self._ownership(corners, p, q, off, n) if self.crop else [(b, b + q) for b in begin]
+            ranges = self._ownership(corners, p, ratio, off, n) if self.crop else [(b, b + q) for b in begin]
             self.spans.append([(min(max(lo, 0), n), min(max(hi, 0), n), b) for (lo, hi), b in zip(ranges, begin)])
         #: per axis and grid position, the destination and source slices in a whole-volume accumulator
         self._slices = [[(slice(lo, hi), slice(lo - b, hi - b)) for lo, hi, b in spans] for spans in self.spans]
@@ -140,10 +153,10 @@ class BlendPlan:
         except ValueError as err:
             raise ValueError(f"{who}: {err}") from None
         if overlap_mode == "gaussian":
-            self.weight = outer_window(windows).to(dtype)
+            self.weight = outer_window(windows).to(self.compute_dtype)
             self._gaussian_normaliser(geometry, dtype, device)
         else:
-            self.patch_weights = PatchWeights(windows, self.starts, padded, dtype)
+            self.patch_weights = PatchWeights(windows, self.starts, padded, self.compute_dtype)
 
     def _gaussian_normaliser(self, geometry: GridGeometry, dtype: torch.dtype, device: torch.device | None) -> None:
         """MONAI's importance map floors the product of the axis windows as a whole (at ``max(min, 1e-3)``), which is
@@ -155,10 +168,29 @@ class BlendPlan:
         self.add_constant(norm, 1.0, list(np.ndindex(*geometry.grid_shape)))
         self.inv_norm_volume = norm.reciprocal_()
 
+    def _placement(
+        self, patch: Sequence[int], margin: Sequence[int] | None, who: str
+    ) -> tuple[list[tuple[int, int]], list[int]]:
+        """Per axis, the ``(num, den)`` that scales input to output coordinates and the shift of a patch's output
+        start from its scaled corner."""
+        if not margin or not any(margin):
+            return list(zip(self.out_patch, patch)), [0] * len(patch)
+        expected = tuple(p - 2 * m for p, m in zip(patch, margin))
+        if self.out_patch != expected:
+            raise ValueError(
+                f"{who}: with output_margin={tuple(margin)} the network must return patches of spatial shape "
+                f"{expected} for patches of {tuple(patch)}, got {self.out_patch}."
+            )
+        return [(1, 1)] * len(patch), [int(m) for m in margin]
+
     @staticmethod
-    def _ownership(corners: Sequence[int], p: int, q: int, offset: int, n: int) -> list[tuple[int, int]]:
-        """Per patch on one axis, the ``[lo, hi)`` output range it owns in ``crop`` mode (unpadded coordinates)."""
-        cuts = [0] + [b * q // p - offset for b in crop_boundaries(corners, p)] + [n]
+    def _ownership(
+        corners: Sequence[int], p: int, ratio: tuple[int, int], offset: int, n: int
+    ) -> list[tuple[int, int]]:
+        """Per patch on one axis, the ``[lo, hi)`` output range it owns in ``crop`` mode (unpadded coordinates); the
+        boundaries between input patches of size ``p`` are scaled by ``ratio`` into output coordinates."""
+        num, den = ratio
+        cuts = [0] + [b * num // den - offset for b in crop_boundaries(corners, p)] + [n]
         return list(zip(cuts[:-1], cuts[1:]))
 
     def row_range(self, j: int) -> tuple[int, int]:
@@ -181,7 +213,7 @@ class BlendPlan:
             out: ``(..., *out_shape)`` accumulator, of :func:`accumulator_dtype`; or, with ``base``, a slab
                 ``(..., rows, *out_shape[1:])`` holding output rows ``[base, base + rows)`` of the first spatial axis
                 (the parts of the patches outside the slab are left out).
-            patches: ``(n, ..., *out_patch)`` on ``out``'s device, in its dtype.
+            patches: ``(n, ..., *out_patch)`` on ``out``'s device, in :attr:`compute_dtype`.
             grid_index: ``n`` rows of per-axis patch indices into the grid's corners.
             base: the output row where ``out`` begins along the first spatial axis.
             scratch: memory the caller no longer needs (the network's input batch, once the network returned and
@@ -252,8 +284,16 @@ class BlendPlan:
         """Finish ``out`` (``(..., *out_shape)``, or a slab of it from output row ``base`` as in :meth:`add`) in place
         and return it: ``gaussian`` divides by the summed weights' volume; the other modes are already normalised
         (``crop`` copies, ``average``/``hann`` add pre-normalised weights), so this is a no-op for them.
+
+        Raises:
+            RuntimeError: a float16 blending accumulator holding infinities or NaNs (it overflowed).
         """
         if self.inv_norm_volume is not None:
             rows = out.shape[out.ndim - len(self.out_shape)]
             out.mul_(self.inv_norm_volume[:, base : base + rows].to(out.dtype))
+        if not self.crop and out.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+            raise RuntimeError(
+                "the float16 accumulator overflowed (accumulate_dtype=torch.float16), or the network returned "
+                "infinities: use accumulate_dtype=torch.bfloat16 or torch.float32."
+            )
         return out

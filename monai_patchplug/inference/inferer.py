@@ -8,8 +8,8 @@ finish the sinks. The blending itself is :class:`~.blend.BlendPlan`'s.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,16 @@ from .._shapes import TypeSpatialShape, fill_patch_size, resolve_patch_size
 from ..grid import GridGeometry, TypePaddingMode, make_grid, pad_batch, resolve_overlap
 from .blend import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
 from .distributed import check_same_on_ranks, resolve_group, share
+from .ensemble import AveragedNetwork, flatten_output, mirror_subsets
 from .monai_args import overlap_from_fraction, sliding_window_settings
-from .options import check_device, check_scale_out
+from .options import (
+    check_accumulate_dtype,
+    check_device,
+    check_ensemble,
+    check_margin,
+    check_mirror_axes,
+    check_scale_out,
+)
 from .roi import run_mask
 from .sinks import PatchSink, allocate_destination, check_destination, open_sink
 
@@ -36,24 +44,6 @@ TypeNetworkOutput = torch.Tensor | Sequence[torch.Tensor] | Mapping[Any, torch.T
 
 WHO = "GridInferer"
 _KEPT_PLANS = 8  # blend plans a GridInferer keeps between calls
-
-
-def _flatten(output: TypeNetworkOutput) -> tuple[list[torch.Tensor], Callable[[list[Any]], Any]]:
-    """The tensors of a network output and a function that rebuilds the same structure from new tensors."""
-    if isinstance(output, torch.Tensor):
-        return [output], lambda items: items[0]
-    if isinstance(output, Mapping):
-        keys = list(output)
-        return [output[k] for k in keys], lambda items: dict(zip(keys, items))
-    if isinstance(output, tuple | list) and output and all(isinstance(t, torch.Tensor) for t in output):
-        kind = type(output)
-        if hasattr(output, "_fields"):  # a namedtuple takes its fields as arguments
-            return list(output), lambda items: kind(*items)
-        return list(output), lambda items: kind(items)
-    raise TypeError(
-        f"{WHO}: the network must return a tensor, or a non-empty tuple/list or dict of tensors, "
-        f"got {type(output).__name__}{' (empty)' if isinstance(output, Sized) and not len(output) else ''}."
-    )
 
 
 def reusable_input(buffer: torch.Tensor | None, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -117,19 +107,22 @@ class _Output:
 
     plan: BlendPlan
     channels: int
+    #: the network's output dtype, which the returned volume takes when ``accumulate_dtype`` is given
+    dtype: torch.dtype
     sinks: list[PatchSink]
     #: the ``(B, C', *spatial_out)`` result: the in-memory accumulator, or the streamed destination
     volume: Any
 
 
-def _has_forward_hooks(network: Any) -> bool:
-    """Whether ``network`` is an ``nn.Module`` that runs forward hooks (its own, a submodule's or global ones),
-    which may keep the input batch they see."""
-    if not isinstance(network, torch.nn.Module):
+def _has_forward_hooks(networks: Sequence[Any]) -> bool:
+    """Whether any of ``networks`` is an ``nn.Module`` that runs forward hooks (its own, a submodule's or global
+    ones), which may keep the input batch they see."""
+    modules = [n for n in networks if isinstance(n, torch.nn.Module)]
+    if not modules:
         return False
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in network.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks for n in modules for m in n.modules())
 
 
 class _Batches:
@@ -142,9 +135,9 @@ class _Batches:
     ``nn.Module`` with forward hooks, since a hook may keep the batch it sees.
     """
 
-    def __init__(self, job: _Job, size: int, network: Any) -> None:
+    def __init__(self, job: _Job, size: int, networks: Sequence[Any]) -> None:
         self.job, self.size = job, size
-        self.hooked = _has_forward_hooks(network)
+        self.hooked = _has_forward_hooks(networks)
         self.graph = torch.is_grad_enabled()  # until a batch's outputs show that autograd records nothing
         self.buffer: torch.Tensor | None = None
 
@@ -180,7 +173,8 @@ class GridInferer(Inferer):
     per-axis factor (the output volume is scaled alike).
 
     Args:
-        patch_size: an int or one int per spatial dim.
+        patch_size: an int or one int per spatial dim; inputs of any spatial rank >= 1. The input's rank decides: an
+            int is that size on each of its axes; values beyond its rank must be 1 (TorchIO's ``(64, 64, 1)``).
         patch_overlap: an int or one int per spatial dim, ``0 <= overlap < patch_size`` (default 0).
         overlap_mode: ``"hann"`` (default), ``"average"``, ``"gaussian"`` (MONAI's importance map) or ``"crop"``.
         batch_size: patches per network call (patches of consecutive batch items share calls; default 1).
@@ -223,6 +217,24 @@ class GridInferer(Inferer):
             result. Every rank must call with the same input shape and mask (checked: ``ValueError`` otherwise).
         process_group: shard over this group instead (implies ``distributed``).
         dst: with sharding, sum onto this (global) rank only (``reduce``); the other ranks return ``None``.
+        mirror_axes: test-time mirroring (nnU-Net's): spatial axes (0-based among the spatial dims); every subset of
+            them, the empty one included, flips each batch of patches, runs the network(s) on it and flips the
+            outputs back, and the ``2^k`` results are averaged per patch before blending. ``None``: no mirroring.
+        ensemble_weights: with a list of networks given to the call (an ensemble, e.g. one per fold), one weight per
+            network (``None``: equal weights). The networks' outputs are averaged per patch; with ``sw_device`` one
+            device per network, every device gets its batch before any result is waited for.
+        accumulate_dtype: ``torch.float16``, ``torch.bfloat16`` or ``torch.float32`` (also by name): the dtype the
+            output is accumulated in (``None``: float32, or float64 for float64/wide integer outputs; ``crop``
+            keeps the network's dtype). Half precision halves the accumulator memory; ``average``/``hann`` add each
+            patch times its weight divided by the grid's summed weights (a running convex combination, never above
+            the largest logit), and a float16 result that overflowed raises. The returned volume takes the network's
+            dtype again (a converted copy at the end, unless streaming), so the saving is largest with a half
+            precision network or with ``output=``/``postprocess=``.
+        output_margin: valid convolutions: the network returns each patch less this margin on every side (an int or
+            one per spatial dim; e.g. 96^3 in, 88^3 out for 4). The output lands where it belongs and the volume keeps
+            the input's shape; the input is padded by the margin (``padding_mode``, zeros by default), so border
+            voxels come from patches read with padding. Needs ``patch_overlap >= 2 * margin``. ``0`` (default): a
+            smaller output is a scaled patch.
 
     ``gaussian`` floors the product of the axis windows as MONAI does, so its summed weights are not separable and
     one single-channel weight volume is kept (as MONAI's count map); the other modes keep none.
@@ -276,6 +288,10 @@ class GridInferer(Inferer):
         distributed: bool = False,
         process_group: Any = None,
         dst: int | None = None,
+        mirror_axes: Sequence[int] | None = None,
+        ensemble_weights: Sequence[float] | None = None,
+        accumulate_dtype: torch.dtype | str | None = None,
+        output_margin: TypeSpatialShape = 0,
     ) -> None:
         super().__init__()
         self.settings = sliding_window_settings(
@@ -299,10 +315,18 @@ class GridInferer(Inferer):
         self.batch_size = self.settings.batch_size
         self.padding_mode = padding_mode
         self.device = check_device(device, "device", WHO)
-        self.sw_device = check_device(sw_device, "sw_device", WHO)
+        self.sw_device: Any = (
+            tuple(check_device(d, "sw_device", WHO) for d in sw_device)
+            if isinstance(sw_device, list | tuple)
+            else check_device(sw_device, "sw_device", WHO)
+        )
         self.progress = progress
         self.cache_roi_weight_map, self.buffer_steps, self.buffer_dim = cache_roi_weight_map, buffer_steps, buffer_dim
         self.options = check_scale_out(WHO, output, postprocess, roi_mask, fill_value, distributed, process_group, dst)
+        self.mirror_axes = check_mirror_axes(mirror_axes, WHO)
+        self.ensemble_weights = ensemble_weights
+        self.accumulate_dtype = check_accumulate_dtype(accumulate_dtype, WHO)
+        self.output_margin = check_margin(output_margin, WHO)
         self._plans: dict[tuple, BlendPlan] = {}
 
     def plan(
@@ -320,10 +344,21 @@ class GridInferer(Inferer):
         """
         sigma = self.settings.sigma_scale
         sigma = tuple(sigma) if isinstance(sigma, Sequence) else sigma
-        key = (geometry, self.overlap_mode, sigma, tuple(int(q) for q in out_patch), torch.device(device), dtype)
+        margin = self._margin(len(geometry.patch_size))
+        key = (
+            geometry,
+            self.overlap_mode,
+            sigma,
+            tuple(int(q) for q in out_patch),
+            torch.device(device),
+            dtype,
+            margin,
+        )
         plan = self._plans.get(key)
         if plan is None:
-            plan = BlendPlan(geometry, self.overlap_mode, out_patch, device, dtype, self.settings.sigma_scale, WHO)
+            plan = BlendPlan(
+                geometry, self.overlap_mode, out_patch, device, dtype, self.settings.sigma_scale, WHO, margin
+            )
             if plan.inv_norm_volume is None:
                 if len(self._plans) >= _KEPT_PLANS:
                     self._plans.clear()
@@ -344,7 +379,32 @@ class GridInferer(Inferer):
             overlap = overlap_from_fraction(self.settings.overlap_fraction, size, padded)
         else:
             overlap = resolve_overlap(self.patch_overlap, size)
-        return make_grid(spatial_shape, size, overlap, pad_border=self.settings.pad_border)
+        margin = self._margin(len(spatial_shape))
+        if not any(margin):
+            return make_grid(spatial_shape, size, overlap, pad_border=self.settings.pad_border)
+        if any(2 * m >= p or o < 2 * m for m, p, o in zip(margin, size, overlap)):
+            raise ValueError(
+                f"{WHO}: output_margin {margin} needs patches larger than twice the margin and an overlap of at least "
+                f"twice the margin on every axis, got patch_size {size} and patch_overlap {overlap}."
+            )
+        widened = make_grid([s + 2 * m for s, m in zip(spatial_shape, margin)], size, overlap, self.settings.pad_border)
+        return replace(  # the margin is padding around the input: the network reads it, no output lands there
+            widened,
+            spatial_shape=spatial_shape,
+            pad_before=tuple(b + m for b, m in zip(widened.pad_before, margin)),
+            pad_after=tuple(a + m for a, m in zip(widened.pad_after, margin)),
+        )
+
+    def _margin(self, ndim: int) -> tuple[int, ...]:
+        """``output_margin`` per spatial axis.
+
+        Raises:
+            ValueError: a number of values that does not fit the input's rank.
+        """
+        margin = self.output_margin * ndim if len(self.output_margin) == 1 else self.output_margin
+        if len(margin) != ndim:
+            raise ValueError(f"{WHO}: output_margin {self.output_margin} does not fit {ndim} spatial dims.")
+        return margin
 
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., TypeNetworkOutput], *args: Any, **kwargs: Any
@@ -352,7 +412,7 @@ class GridInferer(Inferer):
         """Run ``network`` over the grid of every item of ``inputs`` and aggregate.
 
         Args:
-            inputs: ``(B, C, *spatial)`` with 2 or 3 spatial dims (tensor, MetaTensor or numpy array).
+            inputs: ``(B, C, *spatial)`` with any number >= 1 of spatial dims (tensor, MetaTensor or numpy array).
             network: called as ``network(patches, *args, **kwargs)`` on ``(n, C, *patch_size)`` batches on
                 ``sw_device``.
             args, kwargs: passed on to ``network``.
@@ -366,9 +426,10 @@ class GridInferer(Inferer):
             other ranks. ``roi_mask`` adds one boolean copy of the mask.
 
         Raises:
-            ValueError: inputs that are not ``(B, C, H, W[, D])``, or network outputs whose batch or spatial
-                dimensions do not fit the patches; an ``output`` of the wrong shape, or slabs whose shape, dtype kind
-                or integer range do not fit it (raised before anything is written); a ``roi_mask`` of another shape;
+            ValueError: inputs that are not ``(B, C, *spatial)`` (at least one spatial dim), or network outputs whose
+                batch or spatial dimensions do not fit the patches; an ``output`` of the wrong shape, or slabs whose
+                shape, dtype kind or integer range do not fit it (raised before anything is written); a ``roi_mask`` of
+                another shape;
                 sharded: ranks with different input shapes, masks or network outputs (on every rank, no hang).
             TypeError: inputs that are not a tensor or array; a network output that is not a tensor, a tuple/list
                 or a dict of tensors; an ``output`` without ``shape``/slice assignment.
@@ -376,14 +437,15 @@ class GridInferer(Inferer):
             RuntimeError: sharding without an initialised process group; a collective that timed out.
         """
         job = self._prepare(inputs, kwargs)
-        batches = _Batches(job, self.batch_size, network)
+        networks, run = self._networks(network, job, args)
+        batches = _Batches(job, self.batch_size, networks)
         steps: Any = batches
         if self.progress and has_tqdm:
             steps = tqdm(batches, total=len(batches), desc=WHO)
         opened: list[_Output] = []
         rebuild: Callable[[list[Any]], Any] = list
         for chunk, window in steps:
-            outputs, rebuild = _flatten(network(window.to(job.sw_device), *args, **job.kwargs))
+            outputs, rebuild = flatten_output(run(window), WHO)
             scratch = batches.scratch(outputs)
             if not opened:
                 opened = self._open_sinks(job, outputs, window, rebuild)
@@ -393,13 +455,33 @@ class GridInferer(Inferer):
             del outputs  # free this batch's outputs before the network allocates the next ones
         return self._finish(opened, rebuild, inputs)
 
+    def _networks(
+        self, network: Any, job: _Job, args: tuple
+    ) -> tuple[list[Callable[..., Any]], Callable[[torch.Tensor], Any]]:
+        """The call's networks, and what runs one batch of patches: the network on ``sw_device``, or, with mirroring
+        or several networks, their average (:class:`~.ensemble.AveragedNetwork`).
+
+        Raises:
+            ValueError: a mirror axis beyond the input's spatial dims; see :func:`~.options.check_ensemble`.
+        """
+        networks, weights, devices = check_ensemble(network, self.ensemble_weights, self.sw_device, WHO)
+        ndim = len(job.geometry.spatial_shape)
+        if any(a >= ndim for a in self.mirror_axes):
+            raise ValueError(f"{WHO}: mirror_axes {self.mirror_axes} must be spatial axes 0..{ndim - 1}.")
+        if len(networks) == 1 and not self.mirror_axes:
+            device = devices[0] or job.sw_device
+            return networks, lambda window: networks[0](window.to(device), *args, **job.kwargs)
+        averaged = AveragedNetwork(networks, weights, devices, mirror_subsets(self.mirror_axes), job.device, WHO)
+        return networks, lambda window: averaged(window, *args, **job.kwargs)
+
     def _prepare(self, inputs: Any, kwargs: dict) -> _Job:
         """Check the input, lay the grid, pick the devices and this process's share of the patches to run."""
         if not isinstance(inputs, torch.Tensor | np.ndarray):
             raise TypeError(f"{WHO}: inputs must be a tensor or a numpy array, got {type(inputs).__name__}.")
-        if inputs.ndim not in (4, 5) or 0 in inputs.shape:
+        if inputs.ndim < 3 or 0 in inputs.shape:
             raise ValueError(
-                f"{WHO}: inputs must be (B, C, H, W[, D]) with no empty axis, got shape {tuple(inputs.shape)}."
+                f"{WHO}: inputs must be (B, C, *spatial) with at least one spatial axis and no empty axis, got shape "
+                f"{tuple(inputs.shape)}."
             )
         images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
         spatial = tuple(int(s) for s in images.shape[2:])
@@ -429,7 +511,7 @@ class GridInferer(Inferer):
             probe=not mine,
             group=group,
             device=device,
-            sw_device=self.sw_device or images.device,
+            sw_device=self.sw_device if isinstance(self.sw_device, torch.device) else images.device,
             kwargs=kwargs,
         )
 
@@ -458,7 +540,7 @@ class GridInferer(Inferer):
         opened = []
         for out in outputs:
             self._check_output(out, window)
-            dtype = accumulator_dtype(self.overlap_mode, out.dtype)
+            dtype = self.accumulate_dtype or accumulator_dtype(self.overlap_mode, out.dtype)
             plan = self.plan(job.geometry, out.shape[2:], job.device, dtype)
             channels = int(out.shape[1])
             if not options.streaming:
@@ -486,7 +568,7 @@ class GridInferer(Inferer):
                 )  # fmt: skip
                 for item in range(job.n_items)
             ]
-            opened.append(_Output(plan, channels, sinks, volume))
+            opened.append(_Output(plan, channels, out.dtype, sinks, volume))
         return opened
 
     def _hand_over(
@@ -505,7 +587,7 @@ class GridInferer(Inferer):
         for out, target in zip(outputs, opened):
             self._check_output(out, window, (target.channels, *target.plan.out_patch))
             out = out.as_tensor() if isinstance(out, MetaTensor) else out
-            out = out.to(device=target.plan.device, dtype=target.plan.dtype)
+            out = out.to(device=target.plan.device, dtype=target.plan.compute_dtype)
             for item, lo, hi in job.item_runs(chunk):
                 index = [job.grid_index[k % n] for k in chunk[lo:hi]]
                 target.sinks[item].add(out[lo:hi], index, scratch)
@@ -520,7 +602,10 @@ class GridInferer(Inferer):
             finished = [sink.finish() for sink in target.sinks]  # each normalises its item of the volume in place
             if any(f is None for f in finished):
                 return None
-            results.append(target.volume)
+            volume = target.volume
+            if self.accumulate_dtype is not None and not self.options.streaming:
+                volume = volume.to(target.dtype)  # the network's dtype, as without the option
+            results.append(volume)
         if isinstance(inputs, MetaTensor) and self.options.output is None:
             results = [MetaTensor(r).copy_meta_from(inputs) for r in results]
         return results[0] if self.options.streaming else rebuild(results)

@@ -6,15 +6,23 @@ class, the argument and what it got.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ScaleOut", "check_device", "check_scale_out"]
+__all__ = [
+    "ScaleOut",
+    "check_accumulate_dtype",
+    "check_device",
+    "check_ensemble",
+    "check_margin",
+    "check_mirror_axes",
+    "check_scale_out",
+]
 
 
 @dataclass(frozen=True)
@@ -107,3 +115,100 @@ def check_device(device: Any, name: str, who: str) -> torch.device | None:
     if resolved.type == "meta":
         raise ValueError(f"{who}: {name}='meta' holds no data; use 'cpu' or an accelerator.")
     return resolved
+
+
+#: the accumulator dtypes a caller may choose
+ACCUMULATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _int_tuple(value: Any, name: str, who: str) -> tuple[int, ...]:
+    """``value`` (an int or a sequence of ints) as a tuple of non-negative ints.
+
+    Raises:
+        TypeError: a value that is not an integer.
+        ValueError: a negative value.
+    """
+    values = (value,) if isinstance(value, Integral) else tuple(value) if isinstance(value, Sequence) else None
+    if values is None or any(isinstance(v, bool | np.bool_) or not isinstance(v, Integral) for v in values):
+        raise TypeError(f"{who}: {name} must be an int or a sequence of ints, got {value!r}.")
+    if any(v < 0 for v in values):
+        raise ValueError(f"{who}: {name} must hold non-negative ints, got {value!r}.")
+    return tuple(int(v) for v in values)
+
+
+def check_mirror_axes(mirror_axes: Any, who: str) -> tuple[int, ...]:
+    """The spatial axes to mirror (``()`` for ``None``); their range is checked against the input at the call.
+
+    Raises:
+        TypeError: not a sequence of ints.
+        ValueError: a negative or repeated axis.
+    """
+    if mirror_axes is None:
+        return ()
+    if isinstance(mirror_axes, Integral):
+        raise TypeError(f"{who}: mirror_axes must be a sequence of spatial axes (e.g. (0, 1, 2)), got {mirror_axes!r}.")
+    axes = _int_tuple(mirror_axes, "mirror_axes", who)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{who}: mirror_axes must not repeat an axis, got {tuple(mirror_axes)}.")
+    return axes
+
+
+def check_accumulate_dtype(accumulate_dtype: Any, who: str) -> torch.dtype | None:
+    """``None`` (the default rule) or one of :data:`ACCUMULATE_DTYPES` (also by name, e.g. ``"float16"``).
+
+    Raises:
+        TypeError: neither a dtype nor a name.
+        ValueError: a dtype that is not float16, bfloat16 or float32.
+    """
+    if accumulate_dtype is None:
+        return None
+    dtype = getattr(torch, accumulate_dtype, None) if isinstance(accumulate_dtype, str) else accumulate_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{who}: accumulate_dtype must be a torch dtype, got {accumulate_dtype!r}.")
+    if dtype not in ACCUMULATE_DTYPES:
+        raise ValueError(f"{who}: accumulate_dtype must be one of {ACCUMULATE_DTYPES} or None, got {dtype}.")
+    return dtype
+
+
+def check_margin(output_margin: Any, who: str) -> tuple[int, ...]:
+    """The valid-convolution margin: one int (every axis) or one per spatial axis.
+
+    Raises:
+        TypeError, ValueError: as :func:`_int_tuple`.
+    """
+    return _int_tuple(output_margin, "output_margin", who)
+
+
+def check_ensemble(
+    network: Any, ensemble_weights: Any, sw_device: Any, who: str
+) -> tuple[list[Callable[..., Any]], list[float], list[torch.device | None]]:
+    """The networks of a call (one, or a list/tuple/``nn.ModuleList``), their weights and devices.
+
+    Args:
+        network: the call's network argument.
+        ensemble_weights: ``None`` (equal) or one non-negative number per network, not all zero.
+        sw_device: ``None``, one device for all, or one per network.
+        who: the public class named in the messages.
+
+    Raises:
+        TypeError: a network that is not callable.
+        ValueError: an empty list of networks, weights or devices that do not match the networks.
+    """
+    networks = list(network) if isinstance(network, list | tuple | torch.nn.ModuleList) else [network]
+    if not networks:
+        raise ValueError(f"{who}: the list of networks is empty.")
+    for net in networks:
+        if not callable(net):
+            raise TypeError(f"{who}: every network must be callable, got {type(net).__name__}.")
+    weights = [1.0] * len(networks) if ensemble_weights is None else list(np.ravel(ensemble_weights))
+    if len(weights) != len(networks) or any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"{who}: ensemble_weights must be one non-negative number per network ({len(networks)}), not all zero, "
+            f"got {ensemble_weights!r}."
+        )
+    devices = list(sw_device) if isinstance(sw_device, list | tuple) else [sw_device] * len(networks)
+    if len(devices) != len(networks):
+        raise ValueError(
+            f"{who}: sw_device has {len(devices)} devices for {len(networks)} networks; give one per network."
+        )
+    return networks, [float(w) for w in weights], devices

@@ -46,7 +46,7 @@ class PatchWeights:
     ) -> None:
         self.dtype = dtype
         self.device = windows[0].device
-        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        np_dtype = np.float32 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
         #: per axis, the class of each grid position, and the normalised vector of each class
         self.classes: list[list[int]] = []
         self.vectors: list[list[torch.Tensor]] = []
@@ -63,7 +63,7 @@ class PatchWeights:
                     vectors.append(v)
                 classes.append(c)
             self.classes.append(classes)
-            self.vectors.append([torch.from_numpy(v).to(self.device) for v in vectors])
+            self.vectors.append([torch.from_numpy(v).to(self.device, dtype) for v in vectors])
         self._parts: dict[tuple[int, int, int, int], tuple[torch.Tensor, float | None]] = {}
         self._built: dict[tuple, torch.Tensor] = {}
         self._store: torch.Tensor | None = None
@@ -135,9 +135,21 @@ class PatchWeights:
 
 
 def _outer(vectors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """The outer product of ``vectors``, written into ``out`` (of their lengths' shape); returns ``out``."""
+    """The outer product of ``vectors``, written into ``out`` (of their lengths' shape); returns ``out``.
+
+    On the CPU the product is written by numpy through a view of ``out``: a broadcast multiply whose innermost axis
+    is a stride-0 patch row is several times faster there than torch's (``benchmarks/inference.py``'s cohort rows
+    rebuild a weight for most patches). Allocates the small outer product of all vectors but the last.
+    """
     if len(vectors) == 1:
         return out.copy_(vectors[0])
+    if out.device.type == "cpu" and out.dtype != torch.bfloat16:
+        arrays = [v.numpy() for v in vectors]
+        plane = arrays[0]
+        for a in arrays[1:-1]:
+            plane = np.multiply.outer(plane, a)
+        np.multiply(plane[..., None], arrays[-1], out=out.numpy())
+        return out
     plane = vectors[0]
     for v in vectors[1:-1]:
         plane = plane[..., None] * v

@@ -1,0 +1,109 @@
+"""Test-time mirroring and ensembles: several network calls per batch of patches, averaged into one output.
+
+For mirror axes ``A``, every subset ``S`` of ``A`` (the empty one included) flips the batch along ``S``, runs every
+network on it, and flips the outputs back; the ``2^|A|`` x ``len(networks)`` results are averaged per patch (the
+networks weighted, the flips equally), as nnU-Net's predictor does. The front end then blends the averaged patches
+once, so the grid is gathered and blended once, whatever the number of flips and networks. Each network may run on
+its own device: for every flip, every device is handed its copy of the batch before any result is waited for.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence, Sized
+from typing import Any
+
+import torch
+
+__all__ = ["AveragedNetwork", "flatten_output", "mirror_subsets"]
+
+
+def flatten_output(output: Any, who: str) -> tuple[list[torch.Tensor], Callable[[list[Any]], Any]]:
+    """The tensors of a network output and a function that rebuilds the same structure from new items.
+
+    Raises:
+        TypeError: an output that is not a tensor, or a non-empty tuple/list or dict of tensors.
+    """
+    if isinstance(output, torch.Tensor):
+        return [output], lambda items: items[0]
+    if isinstance(output, Mapping):
+        keys = list(output)
+        return [output[k] for k in keys], lambda items: dict(zip(keys, items))
+    if isinstance(output, tuple | list) and output and all(isinstance(t, torch.Tensor) for t in output):
+        kind = type(output)
+        if hasattr(output, "_fields"):  # a namedtuple takes its fields as arguments
+            return list(output), lambda items: kind(*items)
+        return list(output), lambda items: kind(items)
+    raise TypeError(
+        f"{who}: the network must return a tensor, or a non-empty tuple/list or dict of tensors, "
+        f"got {type(output).__name__}{' (empty)' if isinstance(output, Sized) and not len(output) else ''}."
+    )
+
+
+def mirror_subsets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of ``axes``, the empty one first, then by size (``2^len(axes)`` tuples)."""
+    return [s for k in range(len(axes) + 1) for s in itertools.combinations(axes, k)]
+
+
+class AveragedNetwork:
+    """Several networks, each run on every mirrored copy of a batch, averaged into one network output.
+
+    Args:
+        networks: the networks (one or more).
+        weights: one weight per network (normalised here to sum to 1).
+        devices: per network, where it runs (``None``: where the batch is).
+        flips: the spatial axis subsets to flip (from :func:`mirror_subsets`; ``[()]`` mirrors nothing).
+        device: where the average is kept (the accumulator's device).
+        who: the public class named in error messages.
+
+    Calling it on a ``(n, C, *patch)`` batch returns the networks' output structure of averaged ``(n, C', ...)``
+    tensors, summed in float32 (or wider) and returned in the networks' dtype (floats for integer outputs).
+    Allocates, per call, one flipped copy of the batch at a time per device, the networks' outputs, and the running
+    average (one output batch per network output).
+    """
+
+    def __init__(
+        self,
+        networks: Sequence[Callable[..., Any]],
+        weights: Sequence[float],
+        devices: Sequence[torch.device | None],
+        flips: Sequence[tuple[int, ...]],
+        device: torch.device,
+        who: str,
+    ) -> None:
+        total = float(sum(weights))
+        self.networks, self.devices, self.flips, self.device, self.who = (
+            list(networks),
+            list(devices),
+            flips,
+            device,
+            who,
+        )
+        #: the share of each (flip, network) result in the average
+        self.shares = [float(w) / total / len(flips) for w in weights]
+
+    def __call__(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        mean: list[torch.Tensor] | None = None
+        dtypes: list[torch.dtype] = []
+        rebuild: Callable[[list[Any]], Any] = list
+        for flip in self.flips:
+            dims = [2 + a for a in flip]
+            flipped = batch.flip(dims) if dims else batch
+            launched = [  # every device gets its batch before any result is waited for
+                network(flipped if device is None else flipped.to(device, non_blocking=True), *args, **kwargs)
+                for network, device in zip(self.networks, self.devices)
+            ]
+            for share, output in zip(self.shares, launched):
+                items, rebuild = flatten_output(output, self.who)
+                if mean is not None and len(items) != len(mean):
+                    raise ValueError(f"{self.who}: the networks returned {len(items)} outputs, earlier {len(mean)}.")
+                items = [(t.flip(dims) if dims else t).to(self.device) for t in items]
+                if mean is None:
+                    dtypes = [t.dtype for t in items]  # the averages take them back (integer outputs stay floats)
+                    mean = [t.to(torch.promote_types(t.dtype, torch.float32)) * share for t in items]
+                else:
+                    for total, t in zip(mean, items):
+                        total.add_(t, alpha=share)
+            del launched, flipped
+        assert mean is not None
+        return rebuild([m.to(d) if d.is_floating_point else m for m, d in zip(mean, dtypes)])
