@@ -1,0 +1,171 @@
+"""Benchmark test-time mirroring, ensembles and half-precision accumulators (issue 14).
+
+Ours: one ``GridInferer(mirror_axes=(0, 1, 2))`` call over a list of networks, which gathers and blends the grid once.
+The anchor is what a MONAI user writes today: a loop of ``SlidingWindowInferer`` runs, one per flip and per model,
+each on the flipped input, its output flipped back and summed into a running total (then divided). Same grid
+(64^3 patches, overlap 32 = MONAI's overlap 0.5), batch 4, hann vs MONAI's gaussian, on 1x192^3 under
+``torch.no_grad()``.
+
+Rows:
+- speed, 8 mirrorings x 1 model, identity (2-channel) and conv networks: median seconds over interleaved rounds (the
+  order of ours and the loop alternates), and the paired ratio loop / ours;
+- memory, 8 mirrorings x 3 models (identity networks): peak resident memory above input + output, each in a fresh
+  subprocess after a warm-up on a small volume (as ``benchmarks/inference.py`` measures it), against one batch of
+  patches (network input + output);
+- half precision: a conv net whose output is cast to float16 (what an autocast network returns), accumulated in
+  float32 (today's rule) vs ``accumulate_dtype=torch.float16``: the accumulator's bytes, the extra peak memory and the
+  largest error relative to the float32 network's largest logit.
+
+Run from the repository root::
+
+    python benchmarks/tta.py               # 192^3, 3 rounds
+    python benchmarks/tta.py --quick       # 1x32^3, 16^3 patches, 1 round (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from inference import _release_and_reset_peak, _status_kib, make_network, paired_ratio
+from monai.inferers import SlidingWindowInferer
+
+import monai_patchplug as mpp
+
+AXES = (0, 1, 2)
+
+
+def monai_loop(image: torch.Tensor, networks: list, patch: int, overlap: int, batch: int) -> torch.Tensor:
+    """What a MONAI user writes today: one sliding-window run per flip and per model, summed, then divided."""
+    inferer = SlidingWindowInferer(patch, sw_batch_size=batch, overlap=overlap / patch, mode="gaussian")
+    flips = [s for k in range(len(AXES) + 1) for s in itertools.combinations(AXES, k)]
+    total = None
+    for network in networks:
+        for flip in flips:
+            dims = [2 + a for a in flip]
+            out = inferer(image.flip(dims) if dims else image, network)
+            out = out.flip(dims) if dims else out
+            total = out if total is None else total.add_(out)
+            del out
+    return total.div_(len(networks) * len(flips))
+
+
+def ours(image: torch.Tensor, networks: list, patch: int, overlap: int, batch: int, **kwargs) -> torch.Tensor:
+    """One GridInferer call: the grid is gathered and blended once for every flip and model."""
+    inferer = mpp.GridInferer(patch, overlap, "hann", batch_size=batch, mirror_axes=AXES, **kwargs)
+    return inferer(image, networks if len(networks) > 1 else networks[0])
+
+
+def timed(run: Callable[[], torch.Tensor]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def speed(net: str, size: int, patch: int, overlap: int, batch: int, repeats: int) -> tuple[list, list]:
+    torch.manual_seed(1)
+    image = torch.randn(1, 1, size, size, size)
+    networks = [make_network(net)]
+    runs = {"ours": lambda: ours(image, networks, patch, overlap, batch),
+            "loop": lambda: monai_loop(image, networks, patch, overlap, batch)}  # fmt: skip
+    times: dict[str, list[float]] = {"ours": [], "loop": []}
+    with torch.no_grad():
+        for run in runs.values():
+            run()  # warm-up
+        for r in range(repeats):
+            for name in ("ours", "loop") if r % 2 == 0 else ("loop", "ours"):
+                times[name].append(timed(runs[name]))
+    return times["ours"], times["loop"]
+
+
+def child(which: str, size: int, patch: int, overlap: int, batch: int) -> None:
+    """Print the extra peak RSS (MiB) of one run after a warm-up, and (half rows) the accumulator's MiB and the
+    output (float32 network's max logit error)."""
+    torch.manual_seed(1)
+    models = 3 if which in ("ours3", "loop3") else 1
+    networks = [make_network("identity") for _ in range(models)] if models == 3 else [make_network("conv")]
+    conv = networks[0]
+    if which.startswith("half"):
+        networks = [lambda x: conv(x).half()]
+    kwargs = {"accumulate_dtype": torch.float16} if which == "half16" else {}
+
+    def run(image: torch.Tensor) -> torch.Tensor:
+        if which.startswith("loop"):
+            return monai_loop(image, networks, patch, overlap, batch)
+        return ours(image, networks, patch, overlap, batch, **kwargs)
+
+    with torch.no_grad():
+        run(torch.randn(1, 1, 2 * patch, 2 * patch, 2 * patch))
+        image = torch.randn(1, 1, size, size, size)
+        _release_and_reset_peak()
+        before = _status_kib("VmRSS")
+        out = run(image)
+        extra = (_status_kib("VmHWM") - before) / 1024
+        result = [extra, out.element_size() * out.numel() / 2**20]
+        if which.startswith("half"):
+            reference = ours(image, [conv], patch, overlap, batch)  # the float32 network, float32 accumulator
+            result.append(float((out.float() - reference).abs().max() / reference.abs().max()))
+    print(" ".join(str(v) for v in result))
+
+
+def in_child(which: str, args: argparse.Namespace) -> list[float]:
+    cmd = [sys.executable, __file__, "--child", which] + (["--quick"] if args.quick else [])
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # every large buffer its own mapping: RSS = live memory
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return [float(v) for v in done.stdout.split()]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    size, patch, overlap, batch = (32, 16, 8, 4) if args.quick else (192, 64, 32, 4)
+    if args.child:
+        child(args.child, size, patch, overlap, batch)
+        return 0
+    repeats = 1 if args.quick else args.repeats
+    input_mib, output_mib = size**3 * 4 / 2**20, 2 * size**3 * 4 / 2**20
+    batch_mib = batch * 3 * patch**3 * 4 / 2**20
+    print(f"# mirroring and ensembles: 1x{size}^3, {patch}^3 patches, overlap {overlap}, batch {batch}, 8 mirrorings; "
+          f"{repeats} rounds; torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    print()
+    print("| network | models | ours (s) | MONAI loop (s) | loop / ours |")
+    print("|---|---|---|---|---|")
+    for net in ("identity", "conv"):
+        mine, loop = speed(net, size, patch, overlap, batch, repeats)
+        print(f"| {net} | 1 | {statistics.median(mine):.3f} | {statistics.median(loop):.3f} | "
+              f"{paired_ratio(loop, mine):.2f}x |")  # fmt: skip
+    print()
+    print(f"# memory above input ({input_mib:.0f} MiB) + output ({output_mib:.0f} MiB), 8 mirrorings x 3 identity "
+          f"models, fresh process each; one batch of patches (input + output) = {batch_mib:.0f} MiB")  # fmt: skip
+    print()
+    print("| method | extra peak (MiB) | minus output (MiB) | in batches of patches |")
+    print("|---|---|---|---|")
+    for name, which in (("GridInferer", "ours3"), ("MONAI loop", "loop3")):
+        extra = in_child(which, args)[0]
+        print(f"| {name} | {extra:.0f} | {extra - output_mib:.0f} | {(extra - output_mib) / batch_mib:.1f} |")
+    print()
+    print("# half precision: conv net with float16 output (as under autocast), 8 mirrorings; error relative to the "
+          "float32 network's largest logit")  # fmt: skip
+    print()
+    print("| accumulator | accumulator (MiB) | extra peak (MiB) | max error / max logit |")
+    print("|---|---|---|---|")
+    for name, which in (("float32 (default)", "half32"), ("float16 (accumulate_dtype)", "half16")):
+        extra, out_mib, error = in_child(which, args)
+        print(f"| {name} | {out_mib:.0f} | {extra:.0f} | {error:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
