@@ -1,6 +1,8 @@
-"""Small synthetic phantoms shared by the tests."""
+"""Small synthetic phantoms shared by the tests, and a brute-force reference for blended grid inference."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -49,3 +51,28 @@ def grid_setups(draw, max_patch: int, max_shape: int, paddings: list) -> tuple:
     overlap = tuple(draw(st.integers(0, p - 1)) for p in patch)
     shape = tuple(draw(st.integers(1, max_shape)) for _ in range(ndim))
     return shape, patch, overlap, draw(st.sampled_from(paddings))
+
+
+def reference_hann_blend(x: torch.Tensor, network, patch: int, overlap: int) -> np.ndarray:
+    """What ``GridInferer(patch, overlap, "hann")`` must return, by brute force and independently of the package.
+
+    Per axis of size ``S`` the corners are ``0, P-O, 2(P-O), ...`` below ``S-P``, then ``S-P``. Each patch goes
+    through ``network`` on its own; its output is weighted by the outer product of the closed-form window
+    ``sin^2(pi (n + 1) / (P + 1))`` on each axis, and the sum of weighted outputs is divided by the sum of weights.
+    Returns a float64 array of ``network``'s output shape for the whole ``x`` (``(B, C, *spatial)``).
+    """
+    spatial = x.shape[2:]
+    window = np.sin(np.pi * np.arange(1, patch + 1) / (patch + 1)) ** 2
+    weight = window
+    for _ in spatial[1:]:
+        weight = weight[..., None] * window
+    corners = [sorted({*range(0, s - patch, patch - overlap), s - patch}) for s in spatial]
+    total, norm = None, np.zeros(spatial)
+    for corner in itertools.product(*corners):
+        box = tuple(slice(c, c + patch) for c in corner)
+        out = network(x[(slice(None), slice(None), *box)]).detach().double().numpy()
+        if total is None:
+            total = np.zeros((*out.shape[:2], *spatial))
+        total[(slice(None), slice(None), *box)] += out * weight
+        norm[box] += weight
+    return total / norm

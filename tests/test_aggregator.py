@@ -57,7 +57,7 @@ def test_identity_network_reconstructs_the_input(case, mode):
 @pytest.mark.parametrize("overlap", [0, 1, 4, 5, 7])
 def test_crop_takes_each_voxel_from_the_patch_with_the_nearest_centre(overlap):
     shape, patch = (23, 17, 11), (8, 6, 5)
-    sampler = mpp.GridSampler(patch, min(overlap, 4))
+    sampler = mpp.GridSampler(patch, tuple(min(overlap, p - 1) for p in patch))  # each axis up to its largest overlap
     image = torch.zeros(1, *shape)
     patches = sampler({"image": image})
     aggregator = mpp.GridAggregator(sampler, "crop")
@@ -86,6 +86,17 @@ def test_every_voxel_is_covered_and_blended_with_positive_weights():
     assert hann_window(7).min() > 0 and hann_window(1).item() == pytest.approx(1.0)
 
 
+def closed_form_hann(size: int) -> torch.Tensor:
+    """The design's Hann window, strictly positive at the edges: ``sin^2(pi (n + 1) / (size + 1))``, n < size."""
+    n = np.arange(size)
+    return torch.from_numpy(np.sin(np.pi * (n + 1) / (size + 1)) ** 2)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 8, 33])
+def test_hann_window_is_the_closed_form(size):
+    torch.testing.assert_close(hann_window(size, torch.float64), closed_form_hann(size), rtol=0, atol=1e-12)
+
+
 def test_hann_blending_is_a_weighted_mean_with_the_separable_window():
     """Patches holding different constants: the output is the Hann-weighted mean of the covering patches."""
     shape, patch, overlap = (10, 9), (6, 5), (3, 2)
@@ -94,7 +105,7 @@ def test_hann_blending_is_a_weighted_mean_with_the_separable_window():
     aggregator = mpp.GridAggregator(sampler, "hann")
     num = torch.zeros(shape, dtype=torch.float64)
     den = torch.zeros(shape, dtype=torch.float64)
-    weight = hann_window(6, torch.float64)[:, None] * hann_window(5, torch.float64)
+    weight = closed_form_hann(6)[:, None] * closed_form_hann(5)
     for index, p in enumerate(patches):
         aggregator.add_batch(torch.full((1, 1, *patch), float(index)), p[mpp.LOCATION][None])
         num[box_slices(p[mpp.LOCATION])[1:]] += index * weight

@@ -71,7 +71,7 @@ def test_bad_overlap_is_an_error_naming_the_values(overlap, patch):
 
 def test_resolve_overlap_accepts_torchio_2d_convention():
     assert resolve_overlap((4, 4, 0), (16, 16)) == (4, 4)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"patch_overlap must hold integers, got 2\.5"):
         resolve_overlap(2.5, (16, 16))
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import make_label_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_weighted import assert_frequencies
+from stats import assert_counts_follow
 
 import monai_patchplug as mpp
 
@@ -33,7 +33,7 @@ def test_centre_label_frequencies(dtype):
     patches = mpp.LabelSampler(9, "label", PROBS, num_samples=n).set_random_state(0)({"label": label})
     counts = np.bincount(centre_labels(patches), minlength=4)
     p = np.asarray(list(PROBS.values()))
-    assert_frequencies(counts, p / p.sum(), n)
+    assert_counts_follow(counts, p / p.sum())
 
 
 def test_one_hot_map_keys_are_channels():
@@ -43,33 +43,53 @@ def test_one_hot_map_keys_are_channels():
     patches = mpp.LabelSampler(7, "oh", {1: 1, 3: 3}, num_samples=n).set_random_state(2)({"oh": one_hot})
     counts = np.bincount(centre_labels(patches, "oh"), minlength=4)
     assert counts[0] == counts[2] == 0
-    assert_frequencies(counts[[1, 3]], np.asarray([0.25, 0.75]), n)
+    assert_counts_follow(counts[[1, 3]], [0.25, 0.75])
+
+
+def centre_counts(patches, cells, patch_size) -> np.ndarray:
+    """How often each of ``cells`` is a patch centre; every centre must be one of them."""
+    got = [tuple((p[mpp.LOCATION][:3] + torch.tensor(patch_size) // 2).tolist()) for p in patches]
+    counts = np.asarray([got.count(c) for c in cells])
+    assert counts.sum() == len(patches), set(got) - set(cells)
+    return counts
 
 
 def test_voxels_of_a_label_equally_likely():
-    label = torch.zeros(1, 9, 9, 9, dtype=torch.uint8)
-    cells = [(2, 2, 2), (4, 4, 4), (6, 6, 6), (2, 6, 4)]
+    """A row of 18 voxels of label 1 along the last axis and a lone voxel of it in another row: each of the 19 voxels
+    is drawn with probability 1/19 (a draw that picked a row first, then a voxel, would give the lone one 1/2)."""
+    label = torch.zeros(1, 7, 7, 24, dtype=torch.uint8)
+    row = [(3, 3, k) for k in range(3, 21)]
+    cells = [*row, (2, 5, 11)]
     for c in cells:
         label[(0, *c)] = 1
-    n = 4000
-    patches = mpp.LabelSampler(3, "l", {1: 1.0}, num_samples=n).set_random_state(0)({"l": label})
-    got = [tuple((p[mpp.LOCATION][:3] + 1).tolist()) for p in patches]
-    counts = np.asarray([got.count(c) for c in cells])
-    assert counts.sum() == n
-    assert_frequencies(counts, np.full(4, 0.25), n)
+    label[0, 3, 3, 0] = 1  # not a valid centre for patches of 3: never drawn
+    patches = mpp.LabelSampler(3, "l", {1: 1.0}, num_samples=4000).set_random_state(0)({"l": label})
+    assert_counts_follow(centre_counts(patches, cells, (3, 3, 3)), np.full(len(cells), 1 / len(cells)))
 
 
-def test_absent_and_border_labels_are_skipped():
+def test_probabilities_are_normalised_over_the_labels_present():
+    """Labels 1 and 2 present with equal odds; 9 absent and 7 only where no patch can be centred. Their requests must
+    not go to any present label: the split stays 1/2, 1/2 (giving them to label 1 would make it 3/4 or more)."""
     label = make_label_map((20, 20, 20))
     label[0, 0, 0, 0] = 7  # label 7 only where no centre is valid
-    patches = mpp.LabelSampler(5, "l", {3: 1, 7: 100, 9: 100}, num_samples=200).set_random_state(0)({"l": label})
-    assert set(centre_labels(patches, "l").tolist()) == {3}
+    probs = {1: 1, 2: 1, 9: 2, 7: 100}
+    patches = mpp.LabelSampler(5, "l", probs, num_samples=2000).set_random_state(0)({"l": label})
+    counts = np.bincount(centre_labels(patches, "l"), minlength=10)
+    assert counts[[0, 3, 7, 9]].sum() == 0
+    assert_counts_follow(counts[[1, 2]], [0.5, 0.5])
 
 
-def test_default_probabilities_sample_foreground_only():
-    label = make_label_map((20, 20, 20))
-    patches = mpp.LabelSampler(5, "l", num_samples=300).set_random_state(0)({"l": label})
-    assert (centre_labels(patches, "l") > 0).all()
+def test_default_probabilities_make_every_foreground_voxel_equally_likely():
+    """``label_probabilities=None``: each foreground voxel (any value > 0) has the same chance, whatever its label
+    value and row: 12 voxels of label 1 in one row, one of label 2, three of label 5 (a draw per label value would
+    give the label-2 voxel 1/3 instead of 1/16); background and border voxels are never centres."""
+    label = torch.zeros(1, 8, 9, 18, dtype=torch.uint8)
+    cells = {**{(4, 4, k): 1 for k in range(3, 15)}, (2, 6, 8): 2, (5, 2, 4): 5, (5, 6, 6): 5, (3, 5, 12): 5}
+    for c, value in cells.items():
+        label[(0, *c)] = value
+    label[0, 0, 4, 4] = label[0, 4, 4, 17] = 3  # foreground where no patch of 5 can be centred
+    patches = mpp.LabelSampler(5, "l", num_samples=4000).set_random_state(0)({"l": label})
+    assert_counts_follow(centre_counts(patches, list(cells), (5, 5, 5)), np.full(len(cells), 1 / len(cells)))
 
 
 def test_label_name_none_finds_integer_map(subject):

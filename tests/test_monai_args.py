@@ -13,8 +13,8 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import UNet
-from monai.transforms import ClassesToIndicesd, FgBgToIndicesd
-from test_weighted import assert_frequencies
+from monai.transforms import ClassesToIndicesd, FgBgToIndicesd, RandCropByPosNegLabeld
+from stats import assert_counts_follow
 
 import monai_patchplug as mpp
 
@@ -81,7 +81,7 @@ def test_pos_neg_ratio(data):
               "spatial_size": [6, 6, 6], "pos": 3, "neg": 1, "num_samples": 2000}
     _, ours = swap(config, "monai_patchplug.LabelSampler")
     fg = centre_values(ours.set_random_state(0)(data)) > 0
-    assert_frequencies(np.asarray([fg.sum()]), np.asarray([0.75]), len(fg))
+    assert_counts_follow([fg.sum(), (~fg).sum()], [0.75, 0.25])
 
 
 @pytest.mark.parametrize("target", ["RandCropByPosNegLabeld", "RandCropByLabelClassesd"])
@@ -93,12 +93,12 @@ def test_monai_defaults_without_a_mode_argument(data, target):
     if target == "RandCropByPosNegLabeld":
         patches = swap(config, "monai_patchplug.LabelSampler")[1].set_random_state(0)(data)
         fg = centre_values(patches) > 0
-        assert_frequencies(np.asarray([fg.sum()]), np.asarray([0.5]), len(fg))
+        assert_counts_follow([fg.sum(), (~fg).sum()], [0.5, 0.5])
         return
     one_hot = {**data, "label": MetaTensor(torch.nn.functional.one_hot(data["label"][0].long(), 4).permute(3, 0, 1, 2))}
     patches = swap(config, "monai_patchplug.LabelSampler")[1].set_random_state(0)(one_hot)
     classes = [int(p["label"][(slice(None), 2, 2, 2)].argmax()) for p in patches]
-    assert_frequencies(np.bincount(classes, minlength=4), np.full(4, 0.25), len(patches))
+    assert_counts_follow(np.bincount(classes, minlength=4), np.full(4, 0.25))
 
 
 def test_pos_neg_image_threshold_restricts_centres(data):
@@ -111,18 +111,54 @@ def test_pos_neg_image_threshold_restricts_centres(data):
     assert all(float(p["image"][0, 3, 3, 3]) > 0 for p in patches)
 
 
+@pytest.mark.parametrize("pos, neg", [(1, 0), (1, 1)])
+def test_pos_neg_image_threshold_restricts_the_background_only(pos, neg):
+    """MONAI's ``image_key``: background centres need ``image > image_threshold``, foreground centres do not. Half the
+    foreground lies below the threshold, so half the foreground centres do too, in MONAI's draw and ours (a threshold
+    applied to the foreground as well would give none). The foreground box lies well inside the valid centres, so
+    MONAI's clamping of centres into the border changes no category."""
+    label = torch.zeros(1, *SHAPE, dtype=torch.uint8)
+    label[0, 8:22, 8:20, 6:18] = 1
+    image = torch.ones(1, *SHAPE)
+    image[..., :12] = -1.0  # foreground z = 6..11 below the threshold, 12..17 above
+    data = {"image": MetaTensor(image), "label": MetaTensor(label)}
+    args = {"keys": ["image", "label"], "label_key": "label", "spatial_size": [6, 6, 6], "pos": pos, "neg": neg,
+            "num_samples": 1000, "image_key": "image", "image_threshold": 0.0}
+    expected = np.asarray([pos / 2, pos / 2, 0, neg]) / (pos + neg)  # fg below, fg above, bg below, bg above
+    for sampler in (RandCropByPosNegLabeld(**args), mpp.LabelSampler(**args)):
+        patches = sampler.set_random_state(0)(data)
+        category = [2 * int(p["label"][0, 3, 3, 3] == 0) + int(p["image"][0, 3, 3, 3] > 0) for p in patches]
+        assert_counts_follow(np.bincount(category, minlength=4), expected)
+
+
 def test_pos_neg_with_precomputed_indices(data):
     indexed = FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0)(dict(data))
     config = {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label",
               "spatial_size": [6, 6, 6], "pos": 1, "neg": 3, "num_samples": 2000,
               "fg_indices_key": "label_fg_indices", "bg_indices_key": "label_bg_indices"}
-    theirs, ours = swap(config, "monai_patchplug.LabelSampler")
+    _, ours = swap(config, "monai_patchplug.LabelSampler")
+    theirs, _ = swap({**config, "num_samples": 2}, "monai_patchplug.LabelSampler")  # MONAI copies "prob" into each
     patches = ours.set_random_state(0)(indexed)
     assert "label_fg_indices" not in patches[0] and "label_fg_indices" not in theirs(indexed)[0]
     fg = centre_values(patches) > 0
-    assert_frequencies(np.asarray([fg.sum()]), np.asarray([0.25]), len(fg))
+    assert_counts_follow([fg.sum(), (~fg).sum()], [0.25, 0.75])
     background = [p for p, f in zip(patches, fg) if not f]
     assert all(float(p["image"][0, 3, 3, 3]) > 0 for p in background)  # MONAI thresholds the background only
+
+
+def test_index_lists_keep_every_valid_centre_and_skip_the_rest(data):
+    """Precomputed indices are used as they are, without MONAI's clamping: the first and the last valid centre of
+    patches of 6 (3 and S - 3 on each axis) are both drawn, equally often; their neighbours just outside the valid
+    range never are."""
+    first, last = (3, 3, 3), tuple(s - 3 for s in SHAPE)
+    outside = [(2, 3, 3), (3, 3, 2), (SHAPE[0] - 2, *last[1:]), (*last[:2], SHAPE[2] - 2)]
+    flat = [int(np.ravel_multi_index(c, SHAPE)) for c in (first, last, *outside)]
+    sampler = mpp.LabelSampler(keys="image", label_key="label", spatial_size=6, pos=1, neg=0, num_samples=600,
+                               fg_indices_key="fg", bg_indices_key="bg")
+    patches = sampler.set_random_state(0)({**data, "fg": np.asarray(flat), "bg": np.asarray([], dtype=np.int64)})
+    centres = [tuple((p[mpp.LOCATION][:3] + 3).tolist()) for p in patches]
+    assert set(centres) <= {first, last}
+    assert_counts_follow([centres.count(first), centres.count(last)], [0.5, 0.5])
 
 
 def test_precomputed_indices_need_no_label_map(data):
@@ -151,7 +187,7 @@ def test_label_classes_ratios(data, with_indices):
     _, ours = swap(config, "monai_patchplug.LabelSampler")
     patches = ours.set_random_state(0)(data)
     counts = np.bincount(centre_values(patches), minlength=4)
-    assert_frequencies(counts, np.arange(1, 5) / 10, len(patches))
+    assert_counts_follow(counts, np.arange(1, 5) / 10)
     assert "label_cls_indices" not in patches[0]
 
 

@@ -45,5 +45,5 @@ def test_get_batch_images_and_size(subject):
     assert names == ["image", "label", "prob"] and size == 3
     with pytest.raises(ValueError, match="no image"):
         mpp.get_batch_images_and_size({"location": batch["location"], "name": batch["name"]})
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="batch must be a dict of batched tensors, got list"):
         mpp.get_batch_images_and_size([batch])

@@ -1,0 +1,394 @@
+"""Mutation testing of the sampling draws, the grid geometry and the blending windows.
+
+Each mutant is one exact source snippet and its replacement, in the first of its candidate files that holds the
+snippet. The repository is copied once to a temporary folder (without .venv, .git and caches); each mutant is
+written into the copy, the relevant test files run there with ``pytest -x -q`` (the copy's package imported: the
+copy is the working directory and PYTHONPATH, which is checked before any mutant runs), and the file is restored.
+A mutant is KILLED when a test fails, SURVIVED when all pass, EQUIVALENT when it survives and is marked as
+equivalent (with the reason), MISSING when its snippet is in none of its files (the code was refactored: update
+the list), ERROR when pytest could not run the tests (e.g. a mutant that breaks the import). Exit status 1 if any
+mutant survived or errored.
+
+Run ``bash scripts/mutations.sh`` (all), ``bash scripts/mutations.sh NAME ...`` (some) or ``--list``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORED = (".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis", ".ruff_cache", "build",
+           "dist", "_build")
+TIMEOUT_S = 900
+
+UNIFORM = ("monai_patchplug/sampling/uniform.py",)
+WEIGHTED = ("monai_patchplug/sampling/weighted.py",)
+LABEL = ("monai_patchplug/sampling/label.py",)
+BASE = ("monai_patchplug/sampling/base.py",)
+GRID = ("monai_patchplug/grid.py", "monai_patchplug/sampling/grid.py")
+WINDOWS = ("monai_patchplug/inference/windows.py",)
+
+SAMPLING_TESTS = ("tests/test_label.py", "tests/test_weighted.py", "tests/test_uniform.py", "tests/test_monai_args.py")
+GRID_TESTS = ("tests/test_grid.py", "tests/test_aggregator.py", "tests/test_inferer.py")
+BLEND_TESTS = ("tests/test_aggregator.py", "tests/test_inferer.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """``old`` replaced by ``new`` in the first of ``files`` that holds it; ``tests`` run in this order."""
+
+    name: str
+    files: tuple[str, ...]
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    equivalent: str = ""  # why no test can kill it; empty for a mutant that must be killed
+
+
+MUTANTS = [
+    # -- the four deliberate bugs of issue 18, each for the tests of its contract ---------------------------------
+    Mutant(
+        "label: the probability of absent labels goes to the first present label",
+        LABEL,
+        "        probs = np.asarray([c.p for c in present], dtype=np.float64)\n",
+        "        probs = np.asarray([c.p for c in present], dtype=np.float64)\n"
+        "        probs[0] += sum(c.p for c in candidates if not c.present)\n",
+        ("tests/test_label.py",),
+    ),
+    Mutant(
+        "label/weighted: a row is drawn uniformly, not in proportion to its mass",
+        WEIGHTED,
+        "flat_rows = _inverse_cdf(rows.ravel(), n, rng)",
+        "flat_rows = _inverse_cdf((rows.ravel() > 0).astype(np.float64), n, rng)",
+        ("tests/test_label.py", "tests/test_weighted.py"),
+    ),
+    Mutant(
+        "label: image_threshold also restricts the foreground in pos/neg mode",
+        LABEL,
+        '        if inside is None or name == "foreground":\n',
+        "        if inside is None:\n",
+        ("tests/test_monai_args.py",),
+    ),
+    Mutant(
+        "windows: hann_window returns ones",
+        WINDOWS,
+        "    return torch.sin(n * (math.pi / (size + 1))).square_().to(dtype)",
+        "    return torch.ones(size, dtype=dtype, device=device)",
+        BLEND_TESTS,
+    ),
+    # -- sampling draws ---------------------------------------------------------------------------------------------
+    Mutant(
+        "uniform: the last valid corner is never drawn",
+        UNIFORM,
+        "self.R.randint(0, shape - size + 1, size=(n, len(spatial_shape)))",
+        "self.R.randint(0, shape - size, size=(n, len(spatial_shape)))",
+        SAMPLING_TESTS[2:],
+    ),
+    Mutant(
+        "uniform: corners drawn for the wrong axes",
+        UNIFORM,
+        "self.R.randint(0, shape - size + 1, size=(n, len(spatial_shape)))",
+        "self.R.randint(0, shape - size + 1, size=(n, len(spatial_shape)))[:, ::-1]",
+        SAMPLING_TESTS[2:],
+    ),
+    Mutant(
+        "uniform: random_center=False rounds the centre crop the other way",
+        UNIFORM,
+        "np.tile(shape // 2 - size // 2, (n, 1))",
+        "np.tile((shape - size) // 2, (n, 1))",
+        SAMPLING_TESTS[2:],
+    ),
+    Mutant(
+        "weighted: the voxel within a row ignores the weights",
+        WEIGHTED,
+        "within = np.cumsum(np.divide(picked, picked.max(1, keepdims=True), dtype=np.float64), axis=1)",
+        "within = np.cumsum(np.divide(picked > 0, 1.0, dtype=np.float64), axis=1)",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "weighted: rows unravelled with the axes reversed",
+        WEIGHTED,
+        "row_index = np.unravel_index(flat_rows, weights.shape[:-1])",
+        "row_index = np.unravel_index(flat_rows, weights.shape[:-1][::-1])",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "valid centres: the last valid centre of an even patch is left out",
+        BASE,
+        "slice(p // 2, s - (p - 1) // 2)",
+        "slice(p // 2, s - p // 2)",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "valid centres: corner and centre off by one for even patches",
+        BASE,
+        "slice(p // 2, s - (p - 1) // 2)",
+        "slice((p - 1) // 2, s - (p - 1) // 2 - (p + 1) % 2)",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "label: the requested probabilities are ignored (classes equally likely)",
+        LABEL,
+        "chosen = self.R.choice(len(present), size=n, p=probs / probs.sum())",
+        "chosen = self.R.choice(len(present), size=n)",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "label: a label's voxels include every higher label",
+        LABEL,
+        "labels[label] != 0 if one_hot else labels[0] == label",
+        "labels[label] != 0 if one_hot else labels[0] >= label",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "label: default foreground misses label 1",
+        LABEL,
+        "foreground = (labels[1:] != 0).any(0) if one_hot else labels[0] > 0",
+        "foreground = (labels[1:] != 0).any(0) if one_hot else labels[0] > 1",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "label: MONAI index lists lose their last valid centre",
+        LABEL,
+        "(corners <= np.asarray(spatial_shape) - np.asarray(patch_size))",
+        "(corners < np.asarray(spatial_shape) - np.asarray(patch_size))",
+        SAMPLING_TESTS,
+    ),
+    Mutant(
+        "label: MONAI index lists centred off by one for even patches",
+        LABEL,
+        "corners = centres - np.asarray(patch_size) // 2",
+        "corners = centres - (np.asarray(patch_size) - 1) // 2",
+        SAMPLING_TESTS,
+    ),
+    # -- grid geometry ----------------------------------------------------------------------------------------------
+    Mutant(
+        "grid: last corner off by one",
+        GRID,
+        "    last = size - patch\n",
+        "    last = size - patch - 1\n",
+        GRID_TESTS,
+    ),
+    Mutant(
+        "grid: step between corners one too long",
+        GRID,
+        "return (*range(0, last, patch - overlap), last)",
+        "return (*range(0, last, patch - overlap + 1), last)",
+        GRID_TESTS,
+    ),
+    Mutant(
+        "grid: the last corner may repeat",
+        GRID,
+        "return (*range(0, last, patch - overlap), last)",
+        "return (*range(0, last + 1, patch - overlap), last)",
+        GRID_TESTS,
+    ),
+    Mutant(
+        "grid: corners of the first axis used on every axis",
+        GRID,
+        "corners=tuple(axis_corners(s, p, o) for s, p, o in zip(padded, patch_size, patch_overlap)),",
+        "corners=tuple(axis_corners(padded[0], patch_size[0], patch_overlap[0]) for _ in padded),",
+        GRID_TESTS,
+    ),
+    Mutant(
+        "grid: crop ownership passes to the farther patch",
+        GRID,
+        "return tuple((a + b + patch) // 2 for a, b in zip(corners[:-1], corners[1:]))",
+        "return tuple((a + b + patch) // 2 + 1 for a, b in zip(corners[:-1], corners[1:]))",
+        GRID_TESTS,
+    ),
+    Mutant(
+        "grid: crop ownership boundary rounded up",
+        GRID,
+        "return tuple((a + b + patch) // 2 for a, b in zip(corners[:-1], corners[1:]))",
+        "return tuple((a + b + patch + 1) // 2 for a, b in zip(corners[:-1], corners[1:]))",
+        GRID_TESTS,
+        equivalent="the boundary moves only when a + b + P is odd; the voxel it moves is then equally far from both "
+        "patch centres, and the contract lets such ties go either way (crop stays exact: both patches hold it)",
+    ),
+    Mutant(
+        "grid: border padding forgotten",
+        GRID,
+        "margin = o // 2 if pad_border else 0",
+        "margin = 0",
+        GRID_TESTS,
+    ),
+    # -- blending windows -------------------------------------------------------------------------------------------
+    Mutant(
+        "windows: hann sampled from 0, a zero weight at the first voxel",
+        WINDOWS,
+        "n = torch.arange(1, size + 1, dtype=torch.float64, device=device)",
+        "n = torch.arange(0, size, dtype=torch.float64, device=device)",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "windows: hann period one voxel short",
+        WINDOWS,
+        "torch.sin(n * (math.pi / (size + 1)))",
+        "torch.sin(n * (math.pi / size))",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "windows: gaussian centred half a voxel off",
+        WINDOWS,
+        "x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2",
+        "x = torch.arange(size, dtype=torch.float64, device=device) - size / 2",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "windows: gaussian sigma from size - 1",
+        WINDOWS,
+        "w = torch.exp(-0.5 * (x / (sigma_scale * size)) ** 2)",
+        "w = torch.exp(-0.5 * (x / (sigma_scale * (size - 1))) ** 2)",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "windows: gaussian floor absolute, not relative to the peak",
+        WINDOWS,
+        "w.clamp_(min=floor * float(w.max()))",
+        "w.clamp_(min=floor)",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "windows: the normaliser drops the last patch",
+        WINDOWS,
+        "torch.as_tensor(list(starts), dtype=torch.int64, device=window.device)",
+        "torch.as_tensor(list(starts)[:-1], dtype=torch.int64, device=window.device)",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "windows: the normaliser places each window reversed",
+        WINDOWS,
+        "index = index + torch.arange(q, device=window.device)",
+        "index = index + torch.arange(q, device=window.device).flip(0)",
+        BLEND_TESTS,
+        equivalent="every window of the package (constant, hann, gaussian) is symmetric, so a reversed window is the "
+        "same window (up to the last bit of sin/exp in float64, far below any tolerance)",
+    ),
+    Mutant(
+        "windows: constant weights of 2",
+        WINDOWS,
+        "return torch.ones(size, dtype=dtype, device=device)",
+        "return torch.full((size,), 2.0, dtype=dtype, device=device)",
+        BLEND_TESTS,
+        equivalent="average mode divides by the sum of the same weights, and scaling by a power of two is exact in "
+        "floating point, so the blend is bit-identical",
+    ),
+]
+
+
+def copy_repository(into: Path) -> Path:
+    """Copy the repository (without the virtual environment, git data and caches) to ``into / 'repo'``."""
+    target = into / "repo"
+    shutil.copytree(ROOT, target, ignore=shutil.ignore_patterns(*IGNORED), symlinks=True)
+    return target
+
+
+def environment(copy: Path) -> dict[str, str]:
+    """The copy first on the path; no bytecode, so a mutant of the same size and second is never read stale."""
+    return {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def check_imports_the_copy(copy: Path) -> None:
+    """Exit unless ``import monai_patchplug`` in the copy, as pytest runs there, loads the copy's package."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import monai_patchplug; print(monai_patchplug.__file__)"],
+        cwd=copy, env=environment(copy), capture_output=True, text=True,
+    )
+    where = Path(done.stdout.strip() or "?").resolve()
+    if done.returncode != 0 or copy.resolve() not in where.parents:
+        sys.exit(f"mutations: the copy's package is not the one imported (got {where}): {done.stderr[-2000:]}")
+    print(f"mutations: testing the copy in {copy} (imports {where})")
+
+
+def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    """``(pytest exit status, output)`` of ``tests`` in the copy, stopping at the first failure; -1 on timeout."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0", *tests]
+    try:
+        done = subprocess.run(command, cwd=copy, env=environment(copy), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {TIMEOUT_S} s"
+    return done.returncode, done.stdout + done.stderr
+
+
+def locate(copy: Path, mutant: Mutant) -> tuple[Path | None, int]:
+    """The first candidate file holding the snippet, and how often it occurs there (0: in none)."""
+    for name in mutant.files:
+        path = copy / name
+        if path.exists():
+            count = path.read_text().count(mutant.old)
+            if count:
+                return path, count
+    return None, 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="run only the mutants whose name contains one of these")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
+    if args.list or not chosen:
+        for m in MUTANTS:
+            print(f"{m.name}{'  [equivalent]' if m.equivalent else ''}")
+        return 0 if chosen else 2
+    results: dict[str, list[str]] = {k: [] for k in ("KILLED", "SURVIVED", "EQUIVALENT", "MISSING", "ERROR")}
+    with tempfile.TemporaryDirectory(prefix="mpp-mutations-") as tmp:
+        copy = copy_repository(Path(tmp))
+        check_imports_the_copy(copy)
+        baseline = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        status, output = run_tests(copy, baseline)
+        if status != 0:
+            print(output[-4000:])
+            sys.exit(f"mutations: the unmutated tests fail in the copy ({' '.join(baseline)}); fix them first")
+        for index, mutant in enumerate(chosen, 1):
+            path, count = locate(copy, mutant)
+            head = f"[{index:2}/{len(chosen)}]"
+            if path is None or count > 1:
+                why = "snippet not found" if path is None else f"snippet found {count} times in {path.name}"
+                results["MISSING" if path is None else "ERROR"].append(mutant.name)
+                print(f"{head} {'MISSING' if path is None else 'ERROR':<10} {mutant.name} ({why})")
+                continue
+            original = path.read_text()
+            path.write_text(original.replace(mutant.old, mutant.new))
+            begin = time.perf_counter()
+            try:
+                status, output = run_tests(copy, mutant.tests)
+            finally:
+                path.write_text(original)
+            seconds = time.perf_counter() - begin
+            if status in (1, -1):
+                failed = re.search(r"^FAILED (\S+)", output, re.MULTILINE)
+                by = failed.group(1) if failed else output.strip().splitlines()[-1]
+                verdict, detail = "KILLED", f"by {by}"
+                if mutant.equivalent:
+                    detail += " (marked equivalent: revisit the note)"
+            elif status == 0:
+                verdict = "EQUIVALENT" if mutant.equivalent else "SURVIVED"
+                passed = re.search(r"(\d+) passed", output)
+                detail = f"{passed.group(1) if passed else 'all'} tests of {' '.join(mutant.tests)} passed"
+                detail += f"; equivalent: {mutant.equivalent}" if mutant.equivalent else ""
+            else:
+                verdict, detail = "ERROR", f"pytest exit status {status}: {output.strip().splitlines()[-1:]}"
+            results[verdict].append(mutant.name)
+            print(f"{head} {verdict:<10} {mutant.name} [{path.relative_to(copy)}, {seconds:.0f} s]: {detail}",
+                  flush=True)
+    print("\nsummary: " + ", ".join(f"{len(v)} {k.lower()}" for k, v in results.items()) + f" of {len(chosen)}")
+    for verdict in ("SURVIVED", "MISSING", "ERROR"):
+        for name in results[verdict]:
+            print(f"  {verdict}: {name}")
+    return 1 if results["SURVIVED"] or results["ERROR"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
