@@ -12,7 +12,8 @@ from monai.data import MetaTensor
 
 __all__ = ["LOCATION", "TypeSpatialShape", "parse_spatial_shape", "get_batch_images_and_size"]
 
-#: Key under which every patch dict stores its box ``[i0, j0, k0, i1, j1, k1]`` (start inclusive, end exclusive).
+#: Key under which every patch dict stores its box: ``2 * ndim`` values, the start on each spatial axis (inclusive),
+#: then the end (exclusive): ``[i0, j0, k0, i1, j1, k1]`` in 3-D, ``[i0, i1]`` for a 1-D signal.
 LOCATION = "location"
 
 TypeSpatialShape = int | Sequence[int]
@@ -52,10 +53,19 @@ def parse_spatial_shape(shape: TypeSpatialShape) -> tuple[int, int, int]:
 
 
 def resolve_patch_size(patch_size: TypeSpatialShape, spatial_ndim: int) -> tuple[int, ...]:
-    """Patch size for an image with ``spatial_ndim`` spatial dims (2 or 3).
+    """Patch size for an image with ``spatial_ndim >= 1`` spatial dims.
 
-    An ``int`` means the same size on every axis. For a 2D image, 3 values whose last is 1 (TorchIO's 2D
-    convention) or 2 values are accepted.
+    The image's rank decides: an ``int`` means that size on each of its ``spatial_ndim`` axes (``64`` is
+    ``(64,)`` on a signal, ``(64, 64, 64, 64)`` on a 4-D volume). A sequence gives one value per axis; values beyond
+    the image's rank are accepted when they are all 1 and are dropped (TorchIO's convention, where a 2-D image is a
+    3-D one of depth 1: ``(64, 64, 1)`` on a ``(C, H, W)`` image is ``(64, 64)``).
+
+    Args:
+        patch_size: an int or a sequence of ints (numpy/torch integers and arrays too).
+        spatial_ndim: the image's number of spatial dims.
+
+    Returns:
+        ``spatial_ndim`` Python ints. Allocates nothing but the tuple.
 
     Raises:
         TypeError: non-integer values.
@@ -68,11 +78,20 @@ def resolve_patch_size(patch_size: TypeSpatialShape, spatial_ndim: int) -> tuple
     if not isinstance(patch_size, Sequence) or isinstance(patch_size, str):
         raise TypeError(f"patch_size must be an int or a sequence of ints, got {patch_size!r}.")
     values = tuple(_as_positive_int(v, "patch_size") for v in patch_size)
-    if len(values) == spatial_ndim:
-        return values
-    if spatial_ndim == 2 and len(values) == 3 and values[2] == 1:
-        return values[:2]
-    raise ValueError(f"patch_size {tuple(patch_size)!r} does not fit an image with {spatial_ndim} spatial dimensions.")
+    if len(values) < spatial_ndim or any(v != 1 for v in values[spatial_ndim:]):
+        raise ValueError(
+            f"patch_size {tuple(patch_size)!r} does not fit an image with {spatial_ndim} spatial dimensions "
+            f"(give {spatial_ndim} values, or more whose extra trailing values are 1)."
+        )
+    return values[:spatial_ndim]
+
+
+def spec_length(spec: Any) -> int | None:
+    """How many values a size spec gives: the length of a sequence or array, ``None`` for a single number (its
+    rank is left to the image). Allocates nothing but a small array for a sequence."""
+    if is_array(spec) or (isinstance(spec, Sequence) and not isinstance(spec, str)):
+        return int(np.asarray(spec.tolist() if is_array(spec) else spec, dtype=object).size)
+    return None
 
 
 def fill_patch_size(spec: TypeSpatialShape, shape: tuple[int, ...] | None) -> TypeSpatialShape:
@@ -119,15 +138,39 @@ def spatial_shape(img: torch.Tensor | np.ndarray) -> tuple[int, ...]:
 
 
 def location_tensor(corner: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    """``[i0, j0, (k0,) i1, j1, (k1)]`` as an int64 tensor: start inclusive, end exclusive."""
+    """The box as ``2 * ndim`` int64 values: the start per axis (inclusive), then the end per axis (exclusive).
+
+    Allocates the small tensor only.
+    """
     start = [int(c) for c in corner]
     return torch.tensor(start + [c + s for c, s in zip(start, size)], dtype=torch.int64)
+
+
+def image_entries(data: Mapping[Hashable, Any], leading: int = 1) -> list[Hashable]:
+    """Keys of the entries of ``data`` that are images, in insertion order (how ``keys=None`` finds them).
+
+    An image is an array with ``leading`` leading dims (1: the channel of a subject's image; 2: batch and channel of
+    a collated batch) and at least one spatial dim. Arrays with 2 or more spatial dims are the images; arrays with one
+    spatial dim (a ``(C, S)`` signal) count only when the data holds no image of higher rank, so a small 2-D array
+    next to a volume (an affine, a table) is copied, not cropped. Allocates only the list.
+
+    Args:
+        data: a subject or batch dict.
+        leading: how many dims precede the spatial ones.
+
+    Returns:
+        The image keys.
+    """
+    arrays = {k: v.ndim - leading for k, v in data.items() if is_array(v) and v.ndim > leading}
+    least = 2 if any(ndim >= 2 for ndim in arrays.values()) else 1
+    return [k for k, ndim in arrays.items() if ndim >= least]
 
 
 def get_batch_images_and_size(batch: Mapping[Hashable, Any]) -> tuple[list[Hashable], int]:
     """Names of the image tensors in a collated batch dict and the batch size.
 
-    An image is a tensor or array with a batch dim, a channel dim and at least two spatial dims (``ndim >= 4``).
+    An image is a tensor or array with a batch dim, a channel dim and at least two spatial dims (``ndim >= 4``), or,
+    when the batch holds none, one spatial dim (``ndim == 3``, a batch of 1-D signals); see :func:`image_entries`.
 
     Args:
         batch: a dict as produced by ``monai.data.list_data_collate``.
@@ -141,9 +184,9 @@ def get_batch_images_and_size(batch: Mapping[Hashable, Any]) -> tuple[list[Hasha
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of batched tensors, got {type(batch).__name__}.")
-    names = [key for key, value in batch.items() if is_array(value) and value.ndim >= 4]
+    names = image_entries(batch, leading=2)
     if not names:
-        raise ValueError(f"batch holds no image (a tensor with ndim >= 4); keys: {list(batch)!r}.")
+        raise ValueError(f"batch holds no image (a (B, C, *spatial) tensor with ndim >= 3); keys: {list(batch)!r}.")
     sizes = {name: int(batch[name].shape[0]) for name in names}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"images in the batch disagree on the batch size: {sizes!r}.")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.transforms.croppad.functional import pad_nd
 
-from ._shapes import TypeSpatialShape, resolve_patch_size
+from ._shapes import TypeSpatialShape, resolve_patch_size, spec_length
 
 __all__ = [
     "GridGeometry",
@@ -44,15 +44,15 @@ PAD_MODES = frozenset(
 
 
 def resolve_overlap(patch_overlap: TypeSpatialShape, patch_size: Sequence[int]) -> tuple[int, ...]:
-    """Overlap per axis for ``patch_size``, checked against it.
+    """Overlap per axis for ``patch_size`` (any number of axes), checked against it.
 
     Args:
-        patch_overlap: an int (same on every axis) or one int per axis of ``patch_size``; for a 2D patch, 3 values
-            whose last is 0 are accepted (TorchIO's 2D convention).
+        patch_overlap: an int (same on every axis) or one int per axis of ``patch_size``; extra trailing values are
+            accepted when they are all 0 and are dropped (TorchIO's convention: ``(4, 4, 0)`` for a 2-D patch).
         patch_size: the patch size per axis.
 
     Returns:
-        The overlap as a tuple of Python ints. Allocates nothing but the tuple.
+        The overlap as a tuple of Python ints, one per axis of ``patch_size``. Allocates nothing but the tuple.
 
     Raises:
         TypeError: a value that is not an integer.
@@ -62,14 +62,12 @@ def resolve_overlap(patch_overlap: TypeSpatialShape, patch_size: Sequence[int]) 
         patch_overlap = patch_overlap.tolist()
     ndim = len(patch_size)
     values = (patch_overlap,) * ndim if isinstance(patch_overlap, Integral | Real) else tuple(patch_overlap)
-    if ndim == 2 and len(values) == 3 and values[2] == 0:
-        values = values[:2]
-    if len(values) != ndim:
+    if len(values) < ndim or any(v != 0 for v in values[ndim:]):
         raise ValueError(f"patch_overlap {patch_overlap!r} does not fit patch_size {tuple(patch_size)}.")
     for v in values:
         if isinstance(v, bool | np.bool_) or not isinstance(v, Integral):
             raise TypeError(f"patch_overlap must hold integers, got {patch_overlap!r}.")
-    out = tuple(int(v) for v in values)
+    out = tuple(int(v) for v in values[:ndim])
     if any(o < 0 or o >= p for o, p in zip(out, patch_size)):
         raise ValueError(
             f"patch_overlap must satisfy 0 <= overlap < patch_size on every axis, got patch_overlap={out} "
@@ -251,13 +249,19 @@ def pad_batch(images: torch.Tensor, geometry: GridGeometry, mode: str = "constan
 
 
 def check_overlap_fits(patch_size: TypeSpatialShape, patch_overlap: TypeSpatialShape) -> None:
-    """Check ``patch_overlap`` against ``patch_size`` for every image rank (2D, 3D) the patch size fits.
+    """Check ``patch_overlap`` against ``patch_size`` before the image's rank is known.
+
+    The pair is valid when some rank accepts it (see :func:`~monai_patchplug._shapes.resolve_patch_size` and
+    :func:`resolve_overlap`); only ranks up to the longer of the two sequences (1 for two ints) can, so those are
+    tried. Allocates nothing.
 
     Raises:
-        TypeError, ValueError: as :func:`resolve_overlap`, when no rank accepts the pair.
+        TypeError, ValueError: as :func:`resolve_overlap`, when no rank accepts the pair (an error about the overlap
+            is preferred to one about the patch size).
     """
+    lengths = [spec_length(patch_size) or 1, spec_length(patch_overlap) or 1]
     error: Exception | None = None
-    for ndim in (2, 3):
+    for ndim in range(1, max(lengths) + 1):
         try:
             resolve_overlap(patch_overlap, resolve_patch_size(patch_size, ndim))
             return

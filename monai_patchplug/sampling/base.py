@@ -22,17 +22,17 @@ from .._shapes import (
     LOCATION,
     TypeSpatialShape,
     fill_patch_size,
+    image_entries,
     is_array,
     location_tensor,
     parse_spatial_shape,
     resolve_patch_size,
+    spec_length,
 )
 from .._shapes import spatial_shape as _spatial_shape
 from .crop import crop_box, crop_source, translated_affines, uncrop
 
 __all__ = ["PatchSampler"]
-
-_IMAGE_NDIMS = (3, 4)  # channel + 2 or 3 spatial dims
 
 
 def _check_num_samples(num_samples: int | None) -> int | None:
@@ -51,15 +51,19 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
     Calling it on a data dict (``{"image": (C, *spatial), "label": ..., other entries}``) returns one patch dict
     (``num_samples=None``, TorchIO's ``patch = sampler(subject)``) or a list of ``num_samples`` patch dicts (MONAI's
     multi-sample convention, flattened by ``list_data_collate``). Each patch dict holds the cropped arrays, the
-    other entries of the input, and ``LOCATION``: ``[i0, j0, k0, i1, j1, k1]`` (2D: ``[i0, j0, i1, j1]``).
+    other entries of the input, and ``LOCATION``: ``2 * ndim`` values, ``[i0, j0, k0, i1, j1, k1]`` in 3-D,
+    ``[i0, i1]`` for a 1-D signal.
 
     Subclasses implement :meth:`draw_corners`. Randomness comes only from ``self.R``; inputs are never modified.
 
     Args:
-        patch_size: an int (same size on every axis) or one int per spatial dim; a 2D image also takes 3 values
-            whose last is 1 (TorchIO's 2D convention).
-        keys: keys to crop. ``None``: every array entry with a channel and 2 or 3 spatial dims (all must share
-            one spatial shape); other entries are copied to every patch.
+        patch_size: an int or one int per spatial dim; images of any spatial rank >= 1 (a ``(C, S)`` signal, a
+            ``(C, H, W, D, T)`` volume). The image's rank decides: an int is that size on each of its axes, so one
+            sampler serves every rank. Values beyond the image's rank must be 1 and are dropped (TorchIO's 2-D
+            convention: ``(64, 64, 1)`` on a ``(C, H, W)`` image).
+        keys: keys to crop. ``None``: the image entries (see :func:`~monai_patchplug._shapes.image_entries`: arrays
+            with a channel and 2 or more spatial dims, or ``(C, S)`` signals when there is none), which must share one
+            spatial shape; other entries are copied to every patch.
         num_samples: ``None`` for one patch dict, or the number of patch dicts to return as a list.
         allow_missing_keys: with explicit ``keys``, skip keys that are absent instead of raising ``KeyError``.
         lazy: queue the crops as pending operations (MONAI lazy resampling) instead of executing them.
@@ -94,11 +98,10 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             raise TypeError(f"{type(self).__name__}: patch_size is required.")
         self.fill_non_positive = bool(fill_non_positive)
         checked = fill_patch_size(patch_size, None) if self.fill_non_positive else patch_size
-        several = isinstance(checked, Sequence) or is_array(checked)
-        count = np.asarray(checked).size if several else 3
-        resolve_patch_size(checked, count)
-        if several and count not in (2, 3):
-            raise ValueError(f"patch_size must be an int or 2 or 3 ints, got {patch_size!r}.")
+        count = spec_length(checked)
+        if count == 0:
+            raise ValueError(f"{type(self).__name__}: patch_size must be an int or ints, got {patch_size!r}.")
+        resolve_patch_size(checked, count or 1)
         self._patch_size = patch_size
         self.allow_smaller = bool(allow_smaller)
         self.keys: tuple[Hashable, ...] | None = None if keys is None else ensure_tuple(keys)
@@ -114,7 +117,8 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        """The patch size: a 3-tuple for an int, else the given values as a tuple of ints."""
+        """The patch size as given: an int as a 3-tuple, else the given values as a tuple of ints. What is cropped
+        depends on the image's rank (an int is that size on each of its axes; see the class docstring)."""
         if isinstance(self._patch_size, Sequence) or is_array(self._patch_size):
             return tuple(int(v) for v in np.asarray(self._patch_size).ravel())
         if self.fill_non_positive and int(self._patch_size) <= 0:  # MONAI's roi_size=-1: the image size per axis
@@ -171,7 +175,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         if not isinstance(data, Mapping):
             hint = " Wrap the image in a dict, e.g. sampler({'image': img})." if is_array(data) else ""
             raise TypeError(
-                f"{type(self).__name__}: data must be a dict of channel-first arrays ({{'image': (C, H, W[, D]), "
+                f"{type(self).__name__}: data must be a dict of channel-first arrays ({{'image': (C, *spatial), "
                 f"...}}), got {type(data).__name__}.{hint}"
             )
         d = dict(data)
@@ -243,11 +247,11 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         if map_key is not None and map_key not in data:
             raise KeyError(f"{type(self).__name__}: key {map_key!r} not in the data (keys: {list(data)!r}).")
         if self.keys is None:
-            keys = [k for k, v in data.items() if is_array(v) and v.ndim in _IMAGE_NDIMS]
+            keys = image_entries(data)
             if not keys:
                 raise ValueError(
-                    f"{type(self).__name__}: no image in the data: expected arrays of shape (C, H, W[, D]); "
-                    f"keys: {list(data)!r}."
+                    f"{type(self).__name__}: no image in the data: expected channel-first arrays (C, *spatial) "
+                    f"with at least one spatial dim; keys: {list(data)!r}."
                 )
         else:
             missing = [k for k in self.keys if k not in data]
@@ -263,9 +267,12 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             keys = [map_key] + [k for k in keys if k != map_key]
         for key in keys:
             value = data[key]
-            if not is_array(value) or value.ndim not in _IMAGE_NDIMS:
+            if not is_array(value) or value.ndim < 2:
                 got = tuple(value.shape) if is_array(value) else type(value).__name__
-                raise ValueError(f"{type(self).__name__}: data[{key!r}] must be a (C, H, W[, D]) array, got {got}.")
+                raise ValueError(
+                    f"{type(self).__name__}: data[{key!r}] must be a channel-first (C, *spatial) array with at least "
+                    f"one spatial dim, got {got}."
+                )
         shapes = {k: _spatial_shape(data[k]) for k in keys}
         if len(set(shapes.values())) > 1:
             hint = " Pass keys=[...] to crop only some entries." if self.keys is None else ""

@@ -41,8 +41,11 @@ class GridSampler(PatchSampler):
     sampler draws nothing; it records the :attr:`geometry` of its last call.
 
     Args:
-        patch_size: an int or one int per spatial dim (2D images also take 3 values whose last is 1).
-        patch_overlap: an int or one int per spatial dim, ``0 <= overlap < patch_size``.
+        patch_size: an int or one int per spatial dim, for images of any spatial rank >= 1. The image's rank
+            decides: an int is that size on each of its axes. Values beyond the image's rank must be 1 and are dropped
+            (TorchIO's 2-D convention: ``(64, 64, 1)`` on a ``(C, H, W)`` image).
+        patch_overlap: an int or one int per spatial dim, ``0 <= overlap < patch_size``; values beyond the image's
+            rank must be 0 and are dropped.
         keys, allow_missing_keys, lazy: as :class:`~monai_patchplug.PatchSampler`.
         padding_mode: ``None`` (no padding; a patch larger than the image is an error), a numpy/torch pad mode name,
             or a number (constant padding with that value). When given, every side is padded by ``overlap // 2``

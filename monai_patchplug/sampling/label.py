@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._shapes import TypeSpatialShape, host_array, is_array
+from .._shapes import TypeSpatialShape, host_array, image_entries
 from .base import PatchSampler, valid_region
 from .monai_args import monai_num_samples, pick, size_and_fill
 from .weighted import draw_from_weights, no_mass_message, row_sums
@@ -115,8 +115,8 @@ class LabelSampler(PatchSampler):
 
     Args:
         patch_size: as :class:`~monai_patchplug.PatchSampler`.
-        label_name: key of the label map. ``None``: the first entry holding an integer or bool image, else
-            ``"label"``.
+        label_name: key of the label map. ``None``: the first image entry (see
+            :func:`~monai_patchplug._shapes.image_entries`) of an integer or bool dtype, else ``"label"``.
         label_probabilities: ``{label: probability}``, unnormalised; string keys (JSON) are read as ints.
         spatial_size: MONAI's name for ``patch_size``; values <= 0 take the image size.
         label_key: MONAI's name for ``label_name``.
@@ -224,8 +224,8 @@ class LabelSampler(PatchSampler):
             if self.label_name not in data and self._index_lists(data) is not None:
                 return None
             return self.label_name
-        for key, value in data.items():
-            if is_array(value) and value.ndim in (3, 4) and _is_integer(value):
+        for key in image_entries(data):
+            if _is_integer(data[key]):
                 return key
         if "label" in data:
             return "label"

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._shapes import resolve_patch_size
+from .._shapes import resolve_patch_size, spec_length
 
 __all__ = ["pick", "pick_size", "size_and_fill", "monai_num_samples"]
 
@@ -35,10 +35,11 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
 
 
-def _resolved(size: Any) -> dict[int, tuple[int, ...]]:
-    """``{spatial ndim: patch size}`` for the image ranks (2, 3) that ``size`` fits; ``{}`` if it is no valid size."""
+def _resolved(size: Any, max_ndim: int) -> dict[int, tuple[int, ...]]:
+    """``{spatial ndim: patch size}`` for the image ranks ``1 .. max_ndim`` that ``size`` fits; ``{}`` if it is no
+    valid size."""
     out = {}
-    for ndim in (2, 3):
+    for ndim in range(1, max_ndim + 1):
         try:
             out[ndim] = resolve_patch_size(size, ndim)
         except (TypeError, ValueError):
@@ -49,7 +50,8 @@ def _resolved(size: Any) -> dict[int, tuple[int, ...]]:
 def _same_size(a: Any, b: Any) -> bool:
     """Whether two patch-size specs give the same patch on every image they both fit (``8`` and ``(8, 8, 8)``, ``8``
     and ``(8, 8)``), and fit one image at least; specs that are no valid size compare by value."""
-    ra, rb = _resolved(a), _resolved(b)
+    max_ndim = max(spec_length(a) or 1, spec_length(b) or 1)
+    ra, rb = _resolved(a, max_ndim), _resolved(b, max_ndim)
     if not ra or not rb:
         return _same(a, b)
     common = ra.keys() & rb.keys()

@@ -15,6 +15,12 @@ from .monai_args import monai_num_samples, pick, size_and_fill
 __all__ = ["WeightedSampler", "row_sums", "draw_from_weights"]
 
 
+def _check_real(weights: np.ndarray) -> None:
+    """Raise ``TypeError`` for complex weights (reads only the dtype)."""
+    if np.issubdtype(weights.dtype, np.complexfloating):
+        raise TypeError(f"weights must be real, got dtype {weights.dtype}.")
+
+
 def row_sums(weights: np.ndarray) -> np.ndarray:
     """Sums of ``weights`` along its last axis, shape ``weights.shape[:-1]``, in an accumulator that cannot wrap.
 
@@ -29,8 +35,7 @@ def row_sums(weights: np.ndarray) -> np.ndarray:
     """
     if weights.dtype == np.bool_:
         weights = weights.view(np.uint8)
-    if np.issubdtype(weights.dtype, np.complexfloating):
-        raise TypeError(f"weights must be real, got dtype {weights.dtype}.")
+    _check_real(weights)
     if np.issubdtype(weights.dtype, np.floating):
         if weights.dtype.itemsize < 8:
             with np.errstate(over="ignore"):
@@ -53,25 +58,44 @@ def _scaled_to_unit_max(weights: np.ndarray) -> np.ndarray:
     return np.ldexp(weights, -exponent, dtype=np.float64)
 
 
+def _inverse_cdf(masses: np.ndarray, n: int, rng: np.random.RandomState) -> np.ndarray:
+    """``n`` indices into 1-D ``masses`` (finite, >= 0), each with probability proportional to its mass.
+
+    The float64 CDF is built from the masses divided by their maximum, so it neither overflows nor wraps; a uniform
+    ``u`` in ``(0, total]`` is matched to the first CDF entry ``>= u``, which never lands on a zero mass. Allocates the
+    CDF (float64, one per mass) and the ``n`` indices.
+
+    Raises:
+        ValueError: if there is no positive mass.
+    """
+    peak = float(masses.max()) if masses.size else 0.0
+    if not peak > 0:
+        raise ValueError("the weights have no positive mass.")
+    cdf = np.cumsum(np.divide(masses, peak, dtype=np.float64))
+    u = (1.0 - rng.random_sample(n)) * cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="left"), cdf.size - 1)
+
+
 def draw_from_weights(
     weights: np.ndarray, n: int, rng: np.random.RandomState, rows: np.ndarray | None = None
 ) -> np.ndarray:
-    """Draw ``n`` voxel indices of ``weights`` (any spatial rank >= 2) with probability proportional to the weight.
+    """Draw ``n`` voxel indices of ``weights`` (any spatial rank >= 1) with probability proportional to the weight.
 
-    Hierarchical inverse-CDF: a float64 CDF over the row sums (one number per row along the last axis) picks the
-    rows, then a float64 CDF within each picked row picks the voxel. Both CDFs are built from values divided by their
-    maximum, so no sum overflows or wraps whatever the dtype and range of the weights (huge float64 values, int64
-    values near 2**63). This is one pass over the map plus ``O(rows + n * row_length)``: it allocates the row sums,
-    their scaled CDF and the ``n`` picked rows, and no full-volume copy, except for float64 weights so large that a
-    row sum overflows float64 (beyond ~1e308 / row_length): those are first scaled into a float64 copy by a power of
-    two. A uniform ``u`` in ``(0, total]`` is matched to the first CDF entry ``>= u``, which never lands on a zero
-    weight.
+    Rank >= 2, hierarchical inverse-CDF: every axis but the last indexes a row (a 4-D map of shape ``(A, B, C, D)``
+    has ``A * B * C`` rows of length ``D``); a float64 CDF over the row sums picks the rows, then a float64 CDF within
+    each picked row picks the voxel. Rank 1 (a signal) is a single row: one float64 CDF over the weights picks the
+    voxel. Both CDFs are built from values divided by their maximum, so no sum overflows or wraps whatever the dtype and
+    range of the weights (huge float64 values, int64 values near 2**63). The cost is one pass over the map plus
+    ``O(rows + n * row_length)``: it allocates the row sums, their scaled CDF and the ``n`` picked rows (rank 1: a
+    float64 CDF of the signal's length), and no full-volume copy, except for float64 weights so large that a row sum
+    overflows float64 (beyond ~1e308 / row_length): those are first scaled into a float64 copy by a power of two. The
+    distribution is exact up to float64 rounding of the CDFs.
 
     Args:
         weights: finite, non-negative weights, any real or bool dtype; a strided view is fine.
         n: how many indices to draw (with replacement).
         rng: the ``numpy.random.RandomState`` that drives the draw (a transform's ``self.R``).
-        rows: ``row_sums(weights)`` if the caller already has it.
+        rows: ``row_sums(weights)`` if the caller already has it (unused for rank 1).
 
     Returns:
         ``(n, weights.ndim)`` int64 indices.
@@ -80,21 +104,19 @@ def draw_from_weights(
         TypeError: complex weights.
         ValueError: if the weights have no positive mass.
     """
+    if weights.dtype == np.bool_:
+        weights = weights.view(np.uint8)
+    if weights.ndim == 1:
+        _check_real(weights)
+        return _inverse_cdf(weights, n, rng)[:, None].astype(np.int64)
     if rows is None:
         rows = row_sums(weights)
     if np.issubdtype(rows.dtype, np.floating) and not np.isfinite(rows).all():
         weights = _scaled_to_unit_max(weights)
         rows = row_sums(weights)
-    peak = float(rows.max()) if rows.size else 0.0
-    if not peak > 0:
-        raise ValueError("the weights have no positive mass.")
-    cdf = np.cumsum(np.divide(rows.ravel(), peak, dtype=np.float64))
-    u = (1.0 - rng.random_sample(n)) * cdf[-1]
-    flat_rows = np.minimum(np.searchsorted(cdf, u, side="left"), cdf.size - 1)
+    flat_rows = _inverse_cdf(rows.ravel(), n, rng)
     row_index = np.unravel_index(flat_rows, weights.shape[:-1])
     picked = weights[row_index]
-    if picked.dtype == np.bool_:
-        picked = picked.view(np.uint8)
     within = np.cumsum(np.divide(picked, picked.max(1, keepdims=True), dtype=np.float64), axis=1)
     v = (1.0 - rng.random_sample(n)) * within[:, -1]
     cols = np.minimum((within < v[:, None]).sum(1), weights.shape[-1] - 1)
