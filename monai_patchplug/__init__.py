@@ -1,7 +1,7 @@
 """monai_patchplug: TorchIO-style patch sampling and grid aggregation for MONAI."""
 
 from ._shapes import LOCATION, get_batch_images_and_size, parse_spatial_shape
-from .inference import GridAggregator, GridInferer
+from .inference import CropMerger, GaussianMerger, GridAggregator, GridInferer, HannMerger, lazy_batch
 from .queue import PatchQueue
 from .sampling import GridSampler, LabelSampler, PatchSampler, UniformSampler, WeightedSampler
 
@@ -18,5 +18,9 @@ __all__ = [
     "GridSampler",
     "GridAggregator",
     "GridInferer",
+    "HannMerger",
+    "GaussianMerger",
+    "CropMerger",
+    "lazy_batch",
     "PatchQueue",
 ]

@@ -2,5 +2,7 @@
 
 from .aggregator import GridAggregator
 from .inferer import GridInferer
+from .inputs import lazy_batch
+from .mergers import CropMerger, GaussianMerger, HannMerger
 
-__all__ = ["GridAggregator", "GridInferer"]
+__all__ = ["GridAggregator", "GridInferer", "HannMerger", "GaussianMerger", "CropMerger", "lazy_batch"]
