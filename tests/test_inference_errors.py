@@ -22,7 +22,10 @@ def test_a_numpy_input_is_taken_as_a_tensor():
 
 @pytest.mark.parametrize("inputs", [[[1.0]], "image", None])
 def test_an_input_that_is_no_array_is_a_type_error(inputs):
-    with pytest.raises(TypeError, match=r"GridInferer: inputs must be a tensor or a numpy array, got"):
+    with pytest.raises(
+        TypeError,
+        match=r"GridInferer: inputs must be a tensor, a numpy array or an array-like with shape, dtype and slicing",
+    ):
         mpp.GridInferer(8, 2)(inputs, two_channels)
 
 

@@ -321,6 +321,10 @@ def _rank_main(rank: int, world: int, init: str, folder: str) -> None:
     for p in patches[rank::world]:
         aggregator.add_batch(pointwise(p["image"][None]), p[mpp.LOCATION][None])
     results["aggregator"] = aggregator.get_output_tensor()
+    out = np.load(f"{folder}/out.npy", mmap_mode="r+")  # each rank writes its own rows of one store
+    mpp.GridInferer(8, 2, "hann", batch_size=3, distributed=True, output=out)(x, pointwise)
+    out.flush()
+    results["labels"] = mpp.GridInferer(8, 2, "hann", distributed=True, postprocess=argmax_u8)(x, pointwise)
     try:
         y = torch.zeros(1, 1, 20 + rank, 18, 16)
         mpp.GridInferer(8, 2, distributed=True)(y, pointwise)
@@ -331,6 +335,7 @@ def _rank_main(rank: int, world: int, init: str, folder: str) -> None:
 
 
 def test_sharded_inference_over_two_gloo_processes_equals_one_process(tmp_path):
+    np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32, shape=(1, 3, 20, 18, 16))
     mp.spawn(_rank_main, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
     x = torch.randn(1, 1, 20, 18, 16, generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(20, 18, 16)
@@ -347,6 +352,9 @@ def test_sharded_inference_over_two_gloo_processes_equals_one_process(tmp_path):
         torch.testing.assert_close(got["aggregator"], single["hann"][0], rtol=1e-6, atol=1e-6)
         assert "disagree on the input's shape" in got["error"] and "[1, 1, 21, 18, 16" in got["error"]
     torch.testing.assert_close(torch.load(tmp_path / "1.pt")["dst"], single["hann"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), single["hann"], rtol=1e-6, atol=1e-6)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"{rank}.pt")["labels"], single["hann"].argmax(1, keepdim=True).byte())
 
 
 def test_sharding_without_a_process_group_is_a_clear_error():

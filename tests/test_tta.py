@@ -215,3 +215,12 @@ def test_a_valid_net_with_the_wrong_margin_is_a_clear_error():
     with pytest.raises(ValueError, match=r"with output_margin=\(2, 2, 2\) the network must return patches"):
         with torch.no_grad():
             mpp.GridInferer(8, 4, output_margin=2)(torch.rand(1, 1, 12, 12, 12), net)
+
+
+def test_networks_on_several_devices_give_the_same_average():
+    """Two device names (the CPU under two spellings) take the path that hands every device its batch first."""
+    x = torch.rand(1, 1, 10, 10, 10)
+    inferer = mpp.GridInferer(6, 2, "hann", sw_device=["cpu", torch.device("cpu", 0)], mirror_axes=(0,))
+    got = inferer(x, [lopsided, shifted])
+    expected = mpp.GridInferer(6, 2, "hann")(x, mirrored_reference([lopsided, shifted], [1.0, 1.0], (0,)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,10 +1,12 @@
 # %% [markdown]
 # # Sharded grid inference of one volume over `torch.distributed`
 #
-# One large volume, several processes: with a process group initialised and `distributed=True`, each rank of
-# `GridInferer` runs the network on a contiguous, balanced share of the grid's patches, the un-normalised partial
-# outputs are summed with one `all_reduce`, and every rank gets the output a single process would compute (with
-# `dst=r`, only rank `r` does; the others get `None`).
+# One large volume, several processes: with a process group initialised and `distributed=True`, rank `r` of `w`
+# computes part `(r, w)` of the output: a contiguous, balanced range of rows of the first spatial axis, from the
+# patches that reach it (a patch on the boundary between two parts runs on both ranks). No rank ever holds the whole
+# accumulator: with `output=` every rank writes its own rows into the shared store; without it, the rows are gathered
+# so that every rank gets the output a single process would compute (with `dst=r`, only rank `r` does; the others get
+# `None`).
 #
 # Run it on the CPU with two processes (gloo):
 #
@@ -66,15 +68,15 @@ with torch.no_grad():
     sharded = sharded_inferer(image, counting)
     single = mpp.GridInferer(patch_size=24, patch_overlap=8, overlap_mode="hann", batch_size=4)(image, net)
 total = sharded_inferer.geometry(image.shape[2:]).num_patches
-print(f"rank {rank}: ran {counting.patches} of {total} patches")
+print(f"rank {rank}: ran {counting.patches} of {total} patches (those whose output reaches its part's rows)")
 difference = float((sharded - single).abs().max())
 print(f"rank {rank}: sharded output {tuple(sharded.shape)}, max |sharded - single process| = {difference:.2e}")
 assert difference < 1e-5, difference
 
 # %% [markdown]
 # ## Only one rank needs the result: `dst`
-# `dst=0` reduces onto rank 0 only (`torch.distributed.reduce`); the others return `None` and can go on to the next
-# volume. Combine it with `roi_mask` to skip the patches outside the body as well.
+# `dst=0` gathers the rows onto rank 0 only (`torch.distributed.gather`); the others return `None` and can go on to
+# the next volume. Combine it with `roi_mask` to skip the patches outside the body as well.
 
 # %%
 mask = torch.zeros(64, 56, 48, dtype=torch.uint8)

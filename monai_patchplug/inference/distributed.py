@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_same_on_ranks", "collective_device", "reduce_sum_", "resolve_group", "share"]
+__all__ = ["check_same_on_ranks", "collective_device", "gather_rows", "reduce_sum_", "resolve_group", "share"]
 
 _WIDTH = 16  # entries of the fixed-size vectors the ranks compare
 
@@ -93,3 +93,27 @@ def reduce_sum_(tensor: torch.Tensor, group: Any, dst: int | None) -> None:
         dist.reduce(work_tensor, dst=dst, op=dist.ReduceOp.SUM, group=group, async_op=True).wait()
     if work_tensor is not tensor:
         tensor.copy_(work_tensor != 0)
+
+
+def gather_rows(rows: torch.Tensor, n_rows: int, group: Any, dst: int | None) -> torch.Tensor | None:
+    """Join the ranks' parts of a ``(B, C, rows_k, ...)`` volume along the first spatial axis (dim 2), rank ``k``
+    holding rows ``share(n_rows, k, world)``: on every rank (``dst=None``) or on rank ``dst`` only (the others get
+    ``None``). Allocates the joined volume and one padded copy per rank of the largest part.
+
+    Raises:
+        RuntimeError: the collective failed or timed out.
+    """
+    world = dist.get_world_size(group)
+    sizes = [share(n_rows, k, world).stop - share(n_rows, k, world).start for k in range(world)]
+    device = collective_device(group)
+    padded = torch.zeros((*rows.shape[:2], max(sizes), *rows.shape[3:]), dtype=rows.dtype, device=device)
+    padded[:, :, : rows.shape[2]] = rows
+    if dst is None:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group, async_op=True).wait()
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == dst else None
+        dist.gather(padded, parts, dst=dst, group=group, async_op=True).wait()
+        if parts is None:
+            return None
+    return torch.cat([part[:, :, :size] for part, size in zip(parts, sizes)], 2).to(rows.device)

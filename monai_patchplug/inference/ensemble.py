@@ -10,7 +10,7 @@ its own device: for every flip, every device is handed its copy of the batch bef
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -58,8 +58,8 @@ class AveragedNetwork:
 
     Calling it on a ``(n, C, *patch)`` batch returns the networks' output structure of averaged ``(n, C', ...)``
     tensors, summed in float32 (or wider) and returned in the networks' dtype (floats for integer outputs).
-    Allocates, per call, one flipped copy of the batch at a time per device, the networks' outputs, and the running
-    average (one output batch per network output).
+    Allocates, per call, one flipped copy of the batch at a time, the networks' outputs (one at a time on a single
+    device; one per device otherwise), and the running average (one output batch per network output).
     """
 
     def __init__(
@@ -82,6 +82,20 @@ class AveragedNetwork:
         #: the share of each (flip, network) result in the average
         self.shares = [float(w) / total / len(flips) for w in weights]
 
+    def _launch(self, batch: torch.Tensor, args: tuple, kwargs: dict) -> Iterator[Any]:
+        """Each network's output on ``batch``. On several devices every device gets its batch before any result is
+        waited for (their outputs are held together); on one device each output is consumed before the next network
+        runs, so one output is held at a time."""
+        calls = (
+            (lambda n=network, d=device: n(batch if d is None else batch.to(d, non_blocking=True), *args, **kwargs))
+            for network, device in zip(self.networks, self.devices)
+        )
+        if len({str(d) for d in self.devices}) > 1:
+            yield from [call() for call in calls]
+        else:
+            for call in calls:
+                yield call()
+
     def __call__(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         mean: list[torch.Tensor] | None = None
         dtypes: list[torch.dtype] = []
@@ -89,11 +103,7 @@ class AveragedNetwork:
         for flip in self.flips:
             dims = [2 + a for a in flip]
             flipped = batch.flip(dims) if dims else batch
-            launched = [  # every device gets its batch before any result is waited for
-                network(flipped if device is None else flipped.to(device, non_blocking=True), *args, **kwargs)
-                for network, device in zip(self.networks, self.devices)
-            ]
-            for share, output in zip(self.shares, launched):
+            for share, output in zip(self.shares, self._launch(flipped, args, kwargs)):
                 items, rebuild = flatten_output(output, self.who)
                 if mean is not None and len(items) != len(mean):
                     raise ValueError(f"{self.who}: the networks returned {len(items)} outputs, earlier {len(mean)}.")
@@ -104,6 +114,6 @@ class AveragedNetwork:
                 else:
                     for total, t in zip(mean, items):
                         total.add_(t, alpha=share)
-            del launched, flipped
+            del flipped
         assert mean is not None
         return rebuild([m.to(d) if d.is_floating_point else m for m, d in zip(mean, dtypes)])

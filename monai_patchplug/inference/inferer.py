@@ -20,10 +20,11 @@ from monai.inferers import Inferer
 from monai.utils import optional_import
 
 from .._shapes import TypeSpatialShape, fill_patch_size, resolve_patch_size
-from ..grid import GridGeometry, TypePaddingMode, make_grid, pad_batch, resolve_overlap
+from ..grid import GridGeometry, TypePaddingMode, make_grid, resolve_overlap
 from .blend import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
-from .distributed import check_same_on_ranks, resolve_group, share
+from .distributed import check_same_on_ranks, gather_rows, resolve_group
 from .ensemble import AveragedNetwork, flatten_output, mirror_subsets
+from .inputs import is_lazy, open_source
 from .monai_args import overlap_from_fraction, sliding_window_settings
 from .options import (
     check_accumulate_dtype,
@@ -33,6 +34,7 @@ from .options import (
     check_mirror_axes,
     check_scale_out,
 )
+from .parts import Markers, check_part, part_rows, remaining_rows
 from .roi import run_mask
 from .sinks import PatchSink, allocate_destination, check_destination, open_sink
 
@@ -72,7 +74,8 @@ class _Job:
 
     geometry: GridGeometry
     n_items: int
-    padded: torch.Tensor
+    #: where patches are read (:mod:`.inputs`)
+    source: Any
     #: ``(n_items, *grid_shape)`` booleans: the patches to run (the others are skipped, filled)
     run: np.ndarray
     #: the flat indices ``item * num_patches + patch`` this process runs
@@ -83,6 +86,10 @@ class _Job:
     device: torch.device
     sw_device: torch.device
     kwargs: dict
+    #: the part of the output's first axis this process writes (``part=``, or its rank's when sharded)
+    part: tuple[int, int] | None = None
+    #: the completion markers (``resume=``)
+    markers: Markers | None = None
     boxes: list[tuple[slice, ...]] = field(default_factory=list)
     grid_index: list[list[int]] = field(default_factory=list)
 
@@ -91,6 +98,11 @@ class _Job:
         self.boxes = [tuple(slice(c, c + p) for c, p in zip(corner, self.geometry.patch_size)) for corner in corners]
         shape = self.geometry.grid_shape
         self.grid_index = np.stack(np.unravel_index(np.arange(self.geometry.num_patches), shape), 1).tolist()
+
+    @property
+    def by_rows(self) -> bool:
+        """Whether this process writes only some output rows (a part, or what a resumed job has left)."""
+        return self.part is not None or self.markers is not None
 
     def item_runs(self, chunk: Sequence[int]) -> Iterator[tuple[int, int, int]]:
         """``(item, lo, hi)``: the consecutive stretches of ``chunk`` (flat indices) that belong to one item."""
@@ -149,18 +161,18 @@ class _Batches:
         n = job.geometry.num_patches
         for first in range(0, len(job.mine), self.size):
             chunk = job.mine[first : first + self.size]
-            views = [job.padded[k // n][(..., *job.boxes[k % n])] for k in chunk]
+            views = [job.source.patch(k // n, job.boxes[k % n]) for k in chunk]
             if self.graph or self.hooked:
                 yield chunk, torch.stack(views)
                 continue
             if self.buffer is None:
-                shape = (min(self.size, len(job.mine)), job.padded.shape[1], *job.geometry.patch_size)
-                self.buffer = job.padded.new_empty(shape)
+                shape = (min(self.size, len(job.mine)), views[0].shape[0], *job.geometry.patch_size)
+                self.buffer = views[0].new_empty(shape)
             yield chunk, torch.stack(views, out=self.buffer[: len(chunk)])
 
     def scratch(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """Note whether autograd records the network; the buffer when it may take patch weights now."""
-        self.graph = self.graph and (self.job.padded.requires_grad or any(o.requires_grad for o in outputs))
+        self.graph = self.graph and (self.job.source.requires_grad or any(o.requires_grad for o in outputs))
         return reusable_input(self.buffer, outputs)
 
 
@@ -292,6 +304,8 @@ class GridInferer(Inferer):
         ensemble_weights: Sequence[float] | None = None,
         accumulate_dtype: torch.dtype | str | None = None,
         output_margin: TypeSpatialShape = 0,
+        part: tuple[int, int] | None = None,
+        resume: str | None = None,
     ) -> None:
         super().__init__()
         self.settings = sliding_window_settings(
@@ -322,11 +336,19 @@ class GridInferer(Inferer):
         )
         self.progress = progress
         self.cache_roi_weight_map, self.buffer_steps, self.buffer_dim = cache_roi_weight_map, buffer_steps, buffer_dim
-        self.options = check_scale_out(WHO, output, postprocess, roi_mask, fill_value, distributed, process_group, dst)
+        self.options = check_scale_out(
+            WHO, output, postprocess, roi_mask, fill_value, distributed, process_group, dst, streamed_shards=True
+        )
         self.mirror_axes = check_mirror_axes(mirror_axes, WHO)
         self.ensemble_weights = ensemble_weights
         self.accumulate_dtype = check_accumulate_dtype(accumulate_dtype, WHO)
         self.output_margin = check_margin(output_margin, WHO)
+        self.part = check_part(part, WHO)
+        self.resume = resume
+        if (self.part is not None or resume is not None) and output is None:
+            raise ValueError(f"{WHO}: part= and resume= write into a store: give output= too.")
+        if self.part is not None and self.options.sharded:
+            raise ValueError(f"{WHO}: part= and distributed inference both choose the rows to write; give one.")
         self._plans: dict[tuple, BlendPlan] = {}
 
     def plan(
@@ -444,6 +466,8 @@ class GridInferer(Inferer):
             steps = tqdm(batches, total=len(batches), desc=WHO)
         opened: list[_Output] = []
         rebuild: Callable[[list[Any]], Any] = list
+        if job.by_rows:
+            opened, rebuild = self._open_by_rows(job, batches, run)
         for chunk, window in steps:
             outputs, rebuild = flatten_output(run(window), WHO)
             scratch = batches.scratch(outputs)
@@ -453,7 +477,50 @@ class GridInferer(Inferer):
                 break
             self._hand_over(job, opened, outputs, window, chunk, scratch)
             del outputs  # free this batch's outputs before the network allocates the next ones
-        return self._finish(opened, rebuild, inputs)
+        return self._finish(job, opened, rebuild, inputs)
+
+    def _open_by_rows(
+        self, job: _Job, batches: _Batches, run: Callable[[torch.Tensor], Any]
+    ) -> tuple[list[_Output], Callable[[list[Any]], Any]]:
+        """Open sinks that write only this process's rows (one network call on a patch of the part's first row of
+        patches shapes them) and keep only the patches those rows need."""
+        geometry = job.geometry
+        first = part_rows(geometry.spatial_shape[0], job.part)[0] + geometry.pad_before[0]  # the part's rows, roughly
+        row = max(int(np.searchsorted(geometry.corners[0], first, side="right")) - 1, 0)
+        mine, job.mine = job.mine, [row * (geometry.num_patches // geometry.grid_shape[0])]
+        chunk, window = next(iter(batches))
+        outputs, rebuild = flatten_output(run(window), WHO)
+        opened = self._open_sinks(job, outputs, window, rebuild)
+        batches.buffer = None  # sized for the probe: the part's batches take a buffer of their own
+        n = job.geometry.num_patches
+        needed = [set(sink.rows_needed()) for sink in opened[0].sinks]
+        run_flat = job.run.reshape(job.n_items, -1)
+        candidates = range(job.n_items * n) if job.probe else mine
+        job.mine = [k for k in candidates if job.grid_index[k % n][0] in needed[k // n] and run_flat[k // n, k % n]]
+        job.probe = False
+        if job.mine and job.mine[0] == chunk[0]:  # the probed patch is the part's first: its output is not wasted
+            self._hand_over(job, opened, outputs, window, chunk, None)
+            job.mine = job.mine[1:]
+        return opened, rebuild
+
+    def _rows(self, job: _Job, plan: BlendPlan, item: int) -> dict[str, Any]:
+        """What the sink of ``item`` writes when this process writes only some rows: the row intervals, the
+        destination's first row (a sharded part's own destination) and the marker callback."""
+        if not job.by_rows:
+            return {}
+        a, b = part_rows(plan.out_shape[0], job.part)
+        markers = job.markers
+        rows = [(a, b)] if markers is None else remaining_rows((a, b), markers.done(item))
+        local = job.group is not None and self.options.output is None
+        destination = self.options.output
+
+        def written(lo: int, hi: int) -> None:
+            flush = getattr(destination, "flush", None)
+            if callable(flush):
+                flush()  # the data is on disk before its marker
+            markers.mark(item, lo, hi)
+
+        return {"rows": rows, "row_offset": a if local else 0, "on_written": None if markers is None else written}
 
     def _networks(
         self, network: Any, job: _Job, args: tuple
@@ -476,16 +543,18 @@ class GridInferer(Inferer):
 
     def _prepare(self, inputs: Any, kwargs: dict) -> _Job:
         """Check the input, lay the grid, pick the devices and this process's share of the patches to run."""
-        if not isinstance(inputs, torch.Tensor | np.ndarray):
-            raise TypeError(f"{WHO}: inputs must be a tensor or a numpy array, got {type(inputs).__name__}.")
-        if inputs.ndim < 3 or 0 in inputs.shape:
+        if not isinstance(inputs, torch.Tensor | np.ndarray) and not is_lazy(inputs):
+            raise TypeError(
+                f"{WHO}: inputs must be a tensor, a numpy array or an array-like with shape, dtype and slicing, got "
+                f"{type(inputs).__name__}."
+            )
+        shape = tuple(int(v) for v in inputs.shape)
+        if len(shape) < 3 or 0 in shape:
             raise ValueError(
                 f"{WHO}: inputs must be (B, C, *spatial) with at least one spatial axis and no empty axis, got shape "
-                f"{tuple(inputs.shape)}."
+                f"{shape}."
             )
-        images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
-        spatial = tuple(int(s) for s in images.shape[2:])
-        n_items = int(images.shape[0])
+        spatial, n_items = shape[2:], shape[0]
         geometry = self.geometry(spatial)
         group = resolve_group(self.options.distributed, self.options.process_group, WHO)
         run, kwargs = self._patches_to_run(geometry, n_items, kwargs)
@@ -495,25 +564,51 @@ class GridInferer(Inferer):
         if group is not None:
             rank, world = dist.get_rank(group), dist.get_world_size(group)
             what = "the input's shape (B, C, *spatial) and the number of patches to run"
-            check_same_on_ranks(group, [*images.shape, int(run.sum())], what, WHO)
+            check_same_on_ranks(group, [*shape, int(run.sum())], what, WHO)
         todo = np.flatnonzero(run.reshape(-1))
-        mine = todo[share(len(todo), rank, world)].tolist()
-        mode, pad_kwargs = self.settings.pad if self.settings.pad is not None else ("constant", {})
-        device = self.device or images.device
+        mine = todo.tolist()  # sharded: each rank keeps the patches its part's rows need (_open_by_rows)
+        source = open_source(inputs, geometry, self.settings.pad, WHO)
+        device = self.device or source.device
         if self.settings.cpu_thresh is not None and int(np.prod(spatial)) > self.settings.cpu_thresh:
             device = torch.device("cpu")
         return _Job(
             geometry=geometry,
             n_items=n_items,
-            padded=pad_batch(images, geometry, mode, **pad_kwargs),
+            source=source,
             run=run,
             mine=mine or [0],
             probe=not mine,
             group=group,
             device=device,
-            sw_device=self.sw_device if isinstance(self.sw_device, torch.device) else images.device,
+            sw_device=self.sw_device if isinstance(self.sw_device, torch.device) else source.device,
             kwargs=kwargs,
+            part=self.part if group is None else (rank, world),
+            markers=self._markers(shape),
         )
+
+    def _markers(self, shape: Sequence[int]) -> Markers | None:
+        """The completion markers of ``resume=`` for inputs of ``shape`` (``None`` without it)."""
+        if self.resume is None:
+            return None
+        output = self.options.output
+        settings = {
+            "input_shape": list(shape),
+            "output_shape": [int(v) for v in output.shape],
+            "output_dtype": str(output.dtype),
+            "patch_size": repr(self.patch_size),
+            "patch_overlap": repr(
+                self.patch_overlap if self.settings.overlap_fraction is None else self.settings.overlap_fraction
+            ),
+            "overlap_mode": self.overlap_mode,
+            "padding": repr(self.settings.pad),
+            "sigma_scale": repr(self.settings.sigma_scale),
+            "output_margin": list(self.output_margin),
+            "mirror_axes": list(self.mirror_axes),
+            "accumulate_dtype": str(self.accumulate_dtype),
+            "roi_mask": self.options.roi_mask is not None,
+            "fill_value": self.options.fill_value,
+        }
+        return Markers(self.resume, settings, WHO)
 
     def _patches_to_run(self, geometry: GridGeometry, n_items: int, kwargs: dict) -> tuple[np.ndarray, dict]:
         """The ``(n_items, *grid_shape)`` patches ``roi_mask`` keeps, and the network's keyword arguments (without
@@ -543,11 +638,15 @@ class GridInferer(Inferer):
             dtype = self.accumulate_dtype or accumulator_dtype(self.overlap_mode, out.dtype)
             plan = self.plan(job.geometry, out.shape[2:], job.device, dtype)
             channels = int(out.shape[1])
-            if not options.streaming:
+            streamed = options.streaming or job.group is not None
+            if not streamed:
                 volume = zeros_volume((job.n_items, channels, *plan.out_shape), dtype, job.device)
-            elif options.output is None:
+            elif options.output is None:  # sharded: this rank's rows only, gathered at the end
+                a, b = part_rows(plan.out_shape[0], job.part)
                 leading = (job.n_items,)
-                volume = allocate_destination(options.postprocess, plan, channels, leading, job.device, dtype, WHO)
+                volume = allocate_destination(
+                    options.postprocess, plan, channels, leading, job.device, dtype, WHO, rows=b - a
+                )
             else:
                 volume = options.output
             sinks = [
@@ -556,15 +655,14 @@ class GridInferer(Inferer):
                     channels,
                     dtype,
                     job.device,
-                    volume=None if options.streaming else volume[item],
-                    destination=volume if options.streaming else None,
+                    volume=None if streamed else volume[item],
+                    destination=volume if streamed else None,
                     prefix=(item,),
                     postprocess=options.postprocess,
                     run=job.run[item],
                     fill_value=options.fill_value,
-                    group=job.group,
-                    dst=options.dst,
                     who=WHO,
+                    **self._rows(job, plan, item),
                 )  # fmt: skip
                 for item in range(job.n_items)
             ]
@@ -593,16 +691,23 @@ class GridInferer(Inferer):
                 target.sinks[item].add(out[lo:hi], index, scratch)
 
     def _finish(
-        self, opened: list[_Output], rebuild: Callable[[list[Any]], Any], inputs: Any
+        self, job: _Job, opened: list[_Output], rebuild: Callable[[list[Any]], Any], inputs: Any
     ) -> TypeNetworkOutput | None:
         """Finish every sink and return the network's structure of volumes (MetaTensors for a MetaTensor input, but
-        for a caller's ``output``); ``None`` on the ranks other than ``dst``."""
+        for a caller's ``output``); sharded: every rank's rows gathered (``None`` on the ranks other than ``dst``),
+        or, with ``output``, every rank's rows written (one barrier)."""
         results = []
         for target in opened:
-            finished = [sink.finish() for sink in target.sinks]  # each normalises its item of the volume in place
-            if any(f is None for f in finished):
-                return None
+            for sink in target.sinks:
+                sink.finish()  # normalises its item of the volume in place, or checks every slab was written
             volume = target.volume
+            if job.group is not None:
+                if self.options.output is not None:
+                    dist.barrier(group=job.group, async_op=True).wait()
+                else:
+                    volume = gather_rows(volume, target.plan.out_shape[0], job.group, self.options.dst)
+                if volume is None:
+                    return None
             if self.accumulate_dtype is not None and not self.options.streaming:
                 volume = volume.to(target.dtype)  # the network's dtype, as without the option
             results.append(volume)

@@ -60,6 +60,7 @@ def check_scale_out(
     dst: Any = None,
     *,
     mask_key: bool = True,
+    streamed_shards: bool = False,
 ) -> ScaleOut:
     """Check the scale-out options of ``who`` (the public class named in the messages).
 
@@ -67,6 +68,7 @@ def check_scale_out(
         who: ``"GridInferer"`` or ``"GridAggregator"``.
         output, postprocess, roi_mask, fill_value, distributed, process_group, dst: the front end's options.
         mask_key: whether ``roi_mask`` may name a keyword argument of the call (the inferer's calls have them).
+        streamed_shards: whether sharding may stream (the inferer shards by parts of the output's rows).
 
     Returns:
         The checked :class:`ScaleOut`.
@@ -74,7 +76,8 @@ def check_scale_out(
     Raises:
         TypeError: a ``postprocess`` that is not callable, a ``fill_value`` that is not a real number, a
             ``roi_mask`` given as a key where there is no call to take it from, a ``distributed`` that is not a bool.
-        ValueError: a ``dst`` that is not a non-negative rank, streaming combined with sharding.
+        ValueError: a ``dst`` that is not a non-negative rank, streaming combined with sharding (where it is not
+            ``streamed_shards``).
     """
     if postprocess is not None and not callable(postprocess):
         raise TypeError(f"{who}: postprocess must be callable, got {type(postprocess).__name__}.")
@@ -89,7 +92,7 @@ def check_scale_out(
             f"{who}: roi_mask must be a tensor or array (the aggregator sees no data dict); pass subject[key]."
         )
     options = ScaleOut(output, postprocess, roi_mask, float(fill_value), bool(distributed), process_group, dst)
-    if options.streaming and options.sharded:
+    if options.streaming and options.sharded and not streamed_shards:
         raise ValueError(
             f"{who}: output=/postprocess= (streaming) cannot be combined with distributed inference; use "
             "dst=<rank> and postprocess the returned volume on that rank."

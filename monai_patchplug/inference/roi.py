@@ -30,61 +30,71 @@ def run_mask(roi_mask: Any, geometry: GridGeometry, n_items: int, who: str) -> n
     """
     if roi_mask is None:
         return np.ones((n_items, *geometry.grid_shape), dtype=bool)
-    masks = resolve_roi_mask(roi_mask, n_items, geometry.spatial_shape, who)
-    rows = [patches_in_roi(m, geometry) for m in masks]
+    masks, factors = resolve_roi_mask(roi_mask, n_items, geometry.spatial_shape, who)
+    rows = [patches_in_roi(m, geometry, factors) for m in masks]
     return np.stack(rows * n_items if len(rows) == 1 else rows)
 
 
-def resolve_roi_mask(roi_mask: Any, n_items: int, spatial_shape: Sequence[int], who: str) -> np.ndarray:
-    """The mask as booleans, ``(1 or n_items, *spatial_shape)``.
+def resolve_roi_mask(
+    roi_mask: Any, n_items: int, spatial_shape: Sequence[int], who: str
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The mask as booleans, ``(1 or n_items, *mask_spatial)``, and the input voxels per mask voxel on each axis.
 
     Args:
-        roi_mask: a tensor, MetaTensor or array of shape ``spatial``, ``(1, *spatial)`` (shared by every batch item)
-            or ``(n_items, 1, *spatial)`` (one per item); any nonzero value is inside.
+        roi_mask: a tensor, MetaTensor, array or array-like of shape ``m``, ``(1, *m)`` (shared by every batch item)
+            or ``(n_items, 1, *m)`` (one per item), where ``m`` is the input's spatial shape or a coarser one that
+            divides it on every axis (a tissue mask at 1/32: each mask voxel stands for its block of input voxels);
+            any nonzero value is inside.
         n_items: the batch size.
         spatial_shape: the input's spatial shape.
         who: the class named in the messages.
 
     Returns:
-        A boolean numpy array; allocates one byte per mask voxel (a copy on the CPU).
+        A boolean numpy array and the per-axis factors; allocates one byte per mask voxel (the mask is read whole:
+        a coarse mask keeps that small; the full-resolution mask is never built).
 
     Raises:
-        ValueError: a mask of another shape, naming both.
+        ValueError: a mask whose shape neither equals nor divides the input's, naming both.
     """
     if isinstance(roi_mask, MetaTensor):
         roi_mask = roi_mask.as_tensor()
-    mask = (roi_mask != 0).cpu().numpy() if isinstance(roi_mask, torch.Tensor) else np.asarray(roi_mask) != 0
+    mask = (roi_mask != 0).cpu().numpy() if isinstance(roi_mask, torch.Tensor) else np.asarray(roi_mask[...]) != 0
     spatial = tuple(int(s) for s in spatial_shape)
-    shape = tuple(mask.shape)
-    if shape == spatial:
-        return mask[None]
-    if shape == (1, *spatial):
-        return mask
-    if shape in ((n_items, 1, *spatial), (1, 1, *spatial)):
-        return mask[:, 0]
+    ndim, shape = len(spatial), tuple(mask.shape)
+    if len(shape) == ndim:
+        mask = mask[None]
+    elif len(shape) == ndim + 2 and shape[1] == 1 and shape[0] in (1, n_items):
+        mask = mask[:, 0]
+    elif not (len(shape) == ndim + 1 and shape[0] == 1):
+        mask = None
+    if mask is not None and all(m > 0 and s % m == 0 for s, m in zip(spatial, mask.shape[1:])):
+        return mask, tuple(s // m for s, m in zip(spatial, mask.shape[1:]))
     raise ValueError(
         f"{who}: roi_mask of shape {shape} does not fit the input's spatial shape {spatial} (batch of {n_items}): "
-        f"expected {spatial}, {(1, *spatial)} or {(n_items, 1, *spatial)}."
+        f"expected m, (1, *m) or ({n_items}, 1, *m) where m is {spatial} or divides it on every axis."
     )
 
 
-def patches_in_roi(mask: np.ndarray, geometry: GridGeometry) -> np.ndarray:
+def patches_in_roi(mask: np.ndarray, geometry: GridGeometry, factors: Sequence[int] | None = None) -> np.ndarray:
     """Which patches of ``geometry`` contain a nonzero voxel of ``mask``.
 
     Args:
-        mask: booleans of the input's (unpadded) spatial shape.
+        mask: booleans of the input's (unpadded) spatial shape, or of a shape that divides it by ``factors``.
         geometry: the grid; its padding lies outside the mask.
+        factors: per axis, the input voxels one mask voxel stands for (``None``: 1).
 
     Returns:
         Booleans of shape ``geometry.grid_shape``. Allocates a boolean array of (cells along axis 0) x the other axes,
         then arrays of the size of the cell grid only.
     """
+    factors = [1] * mask.ndim if factors is None else factors
     lows, highs, cuts = [], [], []
-    for size, corners, p, pad in zip(
-        geometry.spatial_shape, geometry.corners, geometry.patch_size, geometry.pad_before
+    for size, corners, p, pad, f in zip(
+        geometry.spatial_shape, geometry.corners, geometry.patch_size, geometry.pad_before, factors
     ):
         c = np.asarray(corners, dtype=np.int64) - pad
-        lo, hi = np.clip(c, 0, size), np.clip(c + p, 0, size)
+        lo, hi = np.clip(c, 0, size) // f, -(-np.clip(c + p, 0, size) // f)  # the mask voxels the box reaches
+        size //= f
         edges = np.unique(np.concatenate([[0], lo, hi]))
         edges = edges[edges < size]
         cuts.append(edges)

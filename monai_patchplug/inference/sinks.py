@@ -188,9 +188,11 @@ def allocate_destination(
     device: torch.device,
     dtype: torch.dtype,
     who: str,
+    rows: int | None = None,
 ) -> torch.Tensor:
-    """A zeroed ``(*leading, C', *out_shape)`` tensor for ``postprocess``'s slabs, its channels and dtype read from a
-    dry run on one output row of the accumulator's ``dtype`` (allocated with calloc on the CPU).
+    """A zeroed ``(*leading, C', *out_shape)`` tensor for ``postprocess``'s slabs (``rows`` rows of the first spatial
+    axis when given: a part's), its channels and dtype read from a dry run on one output row of the accumulator's
+    ``dtype`` (allocated with calloc on the CPU).
 
     Raises:
         ValueError: ``postprocess`` returns a slab of another rank.
@@ -202,7 +204,8 @@ def allocate_destination(
             f"{who}: postprocess returned a slab of shape {tuple(sample.shape)} for one of shape "
             f"{tuple(probe.shape)}; expected (C', rows, *other spatial dims)."
         )
-    return zeros_volume((*leading, int(sample.shape[0]), *plan.out_shape), sample.dtype, sample.device)
+    shape = (plan.out_shape[0] if rows is None else rows, *plan.out_shape[1:])
+    return zeros_volume((*leading, int(sample.shape[0]), *shape), sample.dtype, sample.device)
 
 
 class SlabSink:
@@ -228,6 +231,13 @@ class SlabSink:
             count as patches whose network output is ``fill_value`` everywhere.
         fill_value: the value of skipped patches.
         who: the public class named in error messages.
+        rows: the ``[a, b)`` output row intervals this sink writes (``None``: all). Segments are also cut at their
+            ends; a segment outside them is never accumulated nor written, and patches are only needed for (and
+            only added to) the segments inside: a part of a volume, or what a resumed run has left to do.
+        row_offset: the output row that the destination's first row holds (a destination holding only a part's
+            rows).
+        on_written: called with ``(a, b)`` once output rows ``[a, b)`` are in the destination (e.g. to record a
+            completion marker).
 
     Raises:
         ValueError: a destination whose shape does not fit, or a ``postprocess`` whose output does not fit it (shape,
@@ -250,27 +260,42 @@ class SlabSink:
         run: np.ndarray | None = None,
         fill_value: float = 0.0,
         who: str = "GridInferer",
+        rows: Sequence[tuple[int, int]] | None = None,
+        row_offset: int = 0,
+        on_written: Callable[[int, int], None] | None = None,
     ) -> None:
         self.plan, self.channels, self.dtype, self.device = plan, int(channels), dtype, device
         self.destination, self.prefix, self.postprocess = destination, tuple(prefix), postprocess
         self.grid_shape = plan.grid_shape
         self.run = np.ones(self.grid_shape, dtype=bool) if run is None else np.asarray(run, dtype=bool)
         self.fill_value, self.who = float(fill_value), who
+        self.row_offset, self.on_written = int(row_offset), on_written
         n = plan.out_shape[0]
+        intervals = [(0, n)] if rows is None else [(max(a, 0), min(b, n)) for a, b in rows if a < b]
         ranges = [plan.row_range(j) for j in range(self.grid_shape[0])]
-        cuts = sorted({0, n, *(lo for lo, _ in ranges), *(hi for _, hi in ranges)})
-        #: ``[a, b)`` output rows of each segment
+        ends = [v for pair in (*ranges, *intervals) for v in pair]
+        cuts = sorted({0, n, *(v for v in ends if 0 <= v <= n)})
+        #: ``[a, b)`` output rows of each segment, and whether this sink writes it
         self.segments = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if a < b]
+        self.active = [any(lo <= a and b <= hi for lo, hi in intervals) for a, b in self.segments]
         self._rows_of = [[j for j, (lo, hi) in enumerate(ranges) if lo <= a and b <= hi] for a, b in self.segments]
-        self._segments_of = [[s for s, (a, b) in enumerate(self.segments) if lo <= a and b <= hi] for lo, hi in ranges]
+        self._segments_of = [
+            [s for s, (a, b) in enumerate(self.segments) if lo <= a and b <= hi and self.active[s]] for lo, hi in ranges
+        ]
         per_row = self.run.reshape(self.grid_shape[0], -1).sum(1)
-        self._pending = [int(sum(per_row[j] for j in rows)) for rows in self._rows_of]
+        self._pending = [
+            int(sum(per_row[j] for j in rows)) if on else -1 for rows, on in zip(self._rows_of, self.active)
+        ]
         self._buffers: dict[int, torch.Tensor] = {}
-        self._left = len(self.segments)
+        self._left = sum(self.active)
         self._check_destination()
         for s, pending in enumerate(self._pending):
             if pending == 0:
                 self._finish(s)
+
+    def rows_needed(self) -> list[int]:
+        """The grid rows whose patches this sink needs (those touching a segment it writes)."""
+        return sorted({j for s, rows in enumerate(self._rows_of) if self.active[s] for j in rows})
 
     def add(
         self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]], scratch: torch.Tensor | None = None
@@ -285,7 +310,7 @@ class SlabSink:
             index = tuple(int(j) for j in index)
             if not self.run[index]:
                 raise ValueError(f"{self.who}: patch {index} is outside the region of interest (skipped).")
-            for s in self._segments_of[index[0]]:
+            for s in self._segments_of[index[0]]:  # the segments this sink writes
                 if self._pending[s] <= 0:
                     raise ValueError(f"{self.who}: patch {index} was added after its output rows were written.")
                 self.plan.add(self._buffer(s), patches[i : i + 1], [index], base=self.segments[s][0])
@@ -327,6 +352,8 @@ class SlabSink:
             self._write(a + i, self.postprocess(rows) if self.postprocess is not None else rows)
         self._pending[s] = -1
         self._left -= 1
+        if self.on_written is not None:
+            self.on_written(a, b)
 
     def _check_values(self, values: Any, rows: int) -> torch.dtype:
         """Raise if a postprocessed slab does not fit the destination; returns its torch dtype."""
@@ -356,7 +383,15 @@ class SlabSink:
     def _check_destination(self) -> None:
         """Check the destination against the output spatial shape and a dry run of ``postprocess`` on one row."""
         shape = tuple(int(v) for v in self.destination.shape)
-        if shape[len(self.prefix) + 1 :] != tuple(self.plan.out_shape):
+        spatial = shape[len(self.prefix) + 1 :]
+        written = [b for (a, b), on in zip(self.segments, self.active) if on]
+        rows_needed = max(written, default=0) - self.row_offset
+        whole = self.row_offset == 0 and all(self.active)  # a destination for the whole volume
+        if (
+            spatial[1:] != tuple(self.plan.out_shape[1:])
+            or spatial[0] < rows_needed
+            or (whole and spatial[0] != self.plan.out_shape[0])
+        ):
             raise ValueError(
                 f"{self.who}: output of shape {shape} does not fit: the aggregated volume has spatial shape "
                 f"{tuple(self.plan.out_shape)}."
@@ -378,6 +413,7 @@ class SlabSink:
                         f"{self.who}: postprocess returned values in [{int(lo)}, {int(hi)}], outside the output "
                         f"dtype {target}."
                     )
+        row -= self.row_offset
         index = (*self.prefix, slice(None), slice(row, row + int(values.shape[1])))
         if isinstance(self.destination, torch.Tensor):
             self.destination[index].copy_(torch.as_tensor(values))
@@ -401,14 +437,16 @@ def open_sink(
     postprocess: TypePostprocess | None,
     run: np.ndarray | None,
     fill_value: float,
-    group: Any,
-    dst: int | None,
     who: str,
+    group: Any = None,
+    dst: int | None = None,
+    **rows: Any,
 ) -> PatchSink:
-    """The sink for one volume: streamed into ``destination`` when one is given, else in memory in ``volume``
-    (sharded over ``group`` when one is given). Allocates what the sink allocates (see each)."""
+    """The sink for one volume: streamed into ``destination`` when one is given (``rows``: :class:`SlabSink`'s
+    ``rows``, ``row_offset`` and ``on_written``), else in memory in ``volume`` (summed over ``group`` when one is
+    given). Allocates what the sink allocates (see each)."""
     if destination is not None:
-        return SlabSink(plan, channels, dtype, device, destination, prefix, postprocess, run, fill_value, who)
+        return SlabSink(plan, channels, dtype, device, destination, prefix, postprocess, run, fill_value, who, **rows)
     assert volume is not None
     sink = VolumeSink(plan, volume, run, fill_value)
     return sink if group is None else ShardedSink(sink, group, dst, who)

@@ -1,0 +1,191 @@
+"""Benchmark volumes larger than memory (issue 15): lazy inputs, streamed outputs, parts.
+
+A ``1x1x1024x1024x512`` float32 input (2 GiB) on disk, as a ``numpy.memmap`` and as a zarr store; 64^3 patches,
+overlap 16, hann, batch 4; a 1-channel identity network (``--net conv`` for a small conv net); the output streamed
+to a zarr store. Every row runs in a fresh subprocess, which prints its wall time, its peak resident memory
+(``ru_maxrss``, less the interpreter's baseline measured before the run) and the bytes it read from the input (the
+input is wrapped in a counting array-like). Rows:
+
+- GridInferer, memmap input and zarr input, output to zarr (lazy in, lazy out);
+- the same volume in memory (loaded before the timer) through GridInferer and MONAI's SlidingWindowInferer
+  (``overlap=0.25`` lays the same grid; gaussian), output in memory;
+- parts: the job as 1, 2 and 4 parts, each part its own process with one torch thread, run at the same time
+  (``--cores`` at once), printing the wall time of the whole job, each part's peak and the rows run twice.
+
+Also printed: the floor of a row-streaming design (one input row slab: patch rows x the other axes x C_in; one
+output row slab: x C_out; one batch) that the peak is compared with.
+
+Run from the repository root (needs ``pip install -e ".[outofcore]"``)::
+
+    python benchmarks/out_of_core.py                  # 1024x1024x512, identity network
+    python benchmarks/out_of_core.py --net conv
+    python benchmarks/out_of_core.py --quick          # 128x96x64 (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import zarr
+
+import monai_patchplug as mpp
+
+PATCH, OVERLAP, BATCH = 64, 16, 4
+
+
+class Counting:
+    """An array-like that counts the bytes read through it."""
+
+    def __init__(self, array) -> None:
+        self.array, self.shape, self.dtype, self.bytes = array, array.shape, array.dtype, 0
+
+    def __getitem__(self, index):
+        block = np.asarray(self.array[index])
+        self.bytes += block.nbytes
+        return block
+
+
+def network(name: str):
+    if name == "identity":
+        return lambda x: x
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 1, 1)).eval()
+
+
+def make_input(folder: str, shape: tuple[int, ...]) -> None:
+    """Write the input once as a memmap (``x.npy``) and a zarr store (``x.zarr``), slab by slab."""
+    mm = np.lib.format.open_memmap(f"{folder}/x.npy", mode="w+", dtype=np.float32, shape=(1, 1, *shape))
+    store = zarr.open(f"{folder}/x.zarr", mode="w", shape=(1, 1, *shape), chunks=(1, 1, PATCH, 256, 256), dtype="f4")
+    rng = np.random.default_rng(0)
+    for start in range(0, shape[0], PATCH):
+        slab = rng.random((1, 1, min(PATCH, shape[0] - start), *shape[1:]), dtype=np.float32)
+        mm[:, :, start : start + slab.shape[2]] = slab
+        store[:, :, start : start + slab.shape[2]] = slab
+    mm.flush()
+
+
+def output_store(folder: str, name: str, shape: tuple[int, ...]) -> zarr.Array:
+    return zarr.open(f"{folder}/{name}.zarr", mode="w", shape=(1, 1, *shape), chunks=(1, 1, PATCH, 256, 256),
+                     dtype="f4")  # fmt: skip
+
+
+def child(which: str, folder: str, net: str, part: str) -> dict:
+    """One row, in this (fresh) process."""
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = network(net)
+    shape = tuple(np.load(f"{folder}/x.npy", mmap_mode="r").shape[2:])
+    result: dict = {}
+    with torch.no_grad():
+        if which in ("memmap", "zarr", "part"):
+            source = np.load(f"{folder}/x.npy", mmap_mode="r") if which != "zarr" else zarr.open(f"{folder}/x.zarr")
+            counted = Counting(source)
+            k, n = (int(v) for v in part.split("/")) if which == "part" else (0, 1)
+            torch.set_num_threads(1) if which == "part" else None
+            out = zarr.open(f"{folder}/out.zarr", mode="r+") if which == "part" else output_store(folder, which, shape)
+            start = time.perf_counter()
+            kwargs = {"part": (k, n)} if which == "part" else {}
+            mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH, output=out, **kwargs)(counted, model)
+            result["seconds"] = time.perf_counter() - start
+            result["read"] = counted.bytes
+        else:
+            image = torch.from_numpy(np.load(f"{folder}/x.npy"))
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the input is in memory already
+            start = time.perf_counter()
+            if which == "memory":
+                mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH)(image, model)
+            else:
+                from monai.inferers import SlidingWindowInferer
+
+                SlidingWindowInferer(PATCH, BATCH, OVERLAP / PATCH, mode="gaussian")(image, model)
+            result["seconds"] = time.perf_counter() - start
+    result["peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
+    return result
+
+
+def spawn(which: str, folder: str, net: str, part: str = "0/1") -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--child", which, folder, net, part]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def collect(process: subprocess.Popen) -> dict:
+    out, err = process.communicate()
+    if process.returncode:
+        raise RuntimeError(err)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--net", default="identity", choices=("identity", "conv"))
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return 0
+    shape = (128, 96, 64) if args.quick else (1024, 1024, 512)
+    folder = tempfile.mkdtemp(prefix="mpp-ooc-")
+    try:
+        make_input(folder, shape)
+        gib = 4 * int(np.prod(shape)) / 2**30
+        plane = int(np.prod(shape[1:]))
+        floor = (PATCH * plane * 4 * 2 + BATCH * 2 * PATCH**3 * 4) / 2**20  # input and output row slabs, one batch
+        print(f"# out of core: 1x1x{'x'.join(map(str, shape))} float32 ({gib:.2f} GiB), {PATCH}^3 patches, overlap "
+              f"{OVERLAP}, hann, batch {BATCH}, {args.net} network; floor of a row-streaming design {floor:.0f} MiB "
+              f"(input row slab + output row slab + one batch)")  # fmt: skip
+        print()
+        print("| run | wall (s) | peak RSS above baseline (MiB) | peak / floor | read / input |")
+        print("|---|---|---|---|---|")
+        rows = {}
+        runs = {
+            "memmap": "GridInferer, memmap in, zarr out",
+            "zarr": "GridInferer, zarr in, zarr out",
+            "memory": "GridInferer, in memory",
+            "monai": "SlidingWindowInferer, in memory",
+        }
+        for which, label in runs.items():
+            rows[which] = r = collect(spawn(which, folder, args.net))
+            read = f"{r['read'] / (gib * 2**30):.3f}" if "read" in r else ""
+            print(f"| {label} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['peak_mib'] / floor:.2f} | {read} |")
+        print()
+        ratio = rows["memmap"]["seconds"] / rows["memory"]["seconds"]
+        print(f"lazy (memmap) / in-memory GridInferer wall time: {ratio:.2f}")
+        print()
+        print(f"# parts: each part a process with one torch thread, {args.cores} at once, into one zarr store "
+              "(memmap input); wall time of the whole job")  # fmt: skip
+        print()
+        print("| parts | wall (s) | vs 1 part | peak RSS per part (MiB) | bytes read / input |")
+        print("|---|---|---|---|---|")
+        single = None
+        for n in (1, 2, 4):
+            output_store(folder, "out", shape)
+            start = time.perf_counter()
+            results = []
+            for first in range(0, n, args.cores):
+                running = [
+                    spawn("part", folder, args.net, f"{k}/{n}") for k in range(first, min(n, first + args.cores))
+                ]
+                results += [collect(p) for p in running]
+            wall = time.perf_counter() - start
+            single = single or wall
+            peaks = "/".join(f"{r['peak_mib']:.0f}" for r in results)
+            read = sum(r["read"] for r in results) / (gib * 2**30)
+            print(f"| {n} | {wall:.1f} | {wall / single:.2f} | {peaks} | {read:.3f} |")
+    finally:
+        shutil.rmtree(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
