@@ -36,6 +36,8 @@ LABEL = ("monai_patchplug/sampling/label.py",)
 BASE = ("monai_patchplug/sampling/base.py",)
 GRID = ("monai_patchplug/grid.py", "monai_patchplug/sampling/grid.py")
 WINDOWS = ("monai_patchplug/inference/windows.py",)
+WEIGHTS = ("monai_patchplug/inference/patch_weights.py",)
+BLEND = ("monai_patchplug/inference/blend.py",)
 
 SAMPLING_TESTS = ("tests/test_label.py", "tests/test_weighted.py", "tests/test_uniform.py", "tests/test_monai_args.py")
 GRID_TESTS = ("tests/test_grid.py", "tests/test_aggregator.py", "tests/test_inferer.py")
@@ -282,6 +284,28 @@ MUTANTS = [
         BLEND_TESTS,
         equivalent="average mode divides by the sum of the same weights, and scaling by a power of two is exact in "
         "floating point, so the blend is bit-identical",
+    ),
+    # -- the patch weights built from the normalised vectors, and the half-precision path -------------------------
+    Mutant(
+        "weights: the outer product drops the last axis' vector",
+        WEIGHTS,
+        "np.multiply(plane[..., None], arrays[-1], out=out.numpy())",
+        "np.multiply(plane[..., None], 1.0, out=out.numpy())",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "weights: the outer product uses the first vector twice",
+        WEIGHTS,
+        "            plane = np.multiply.outer(plane, a)",
+        "            plane = np.multiply.outer(plane, arrays[0])",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "blend: half-precision accumulators add half-precision patches",
+        BLEND,
+        "self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype",
+        "self.compute_dtype = dtype",
+        ("tests/test_tta.py",),
     ),
 ]
 

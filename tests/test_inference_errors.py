@@ -105,3 +105,26 @@ def test_a_window_that_underflows_to_zero_is_a_clear_error():
     """An even-sized gaussian this narrow is 0 everywhere: it would divide by zero (NaNs)."""
     with pytest.raises(ValueError, match=r"GridInferer: the 'gaussian' window of axis 0 .* strictly positive"):
         mpp.GridInferer(8, 2, "gaussian", sigma_scale=1e-200)(torch.rand(1, 1, 12, 12, 12), two_channels)
+
+
+def test_one_size_under_our_name_and_monais_is_no_conflict():
+    x = torch.rand(1, 1, 12, 10, 9)
+    same = mpp.GridInferer(8, roi_size=(8, 8, 8), overlap=0.25)(x, two_channels)
+    torch.testing.assert_close(same, mpp.GridInferer(roi_size=(8, 8, 8), overlap=0.25)(x, two_channels))
+    with pytest.raises(ValueError, match=r"^GridInferer: give patch_size=8 or MONAI's roi_size=\(8, 8, 6\), not both"):
+        mpp.GridInferer(8, roi_size=(8, 8, 6))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"patch_size": 8, "batch_size": 0}, ValueError, r"^GridInferer: batch_size must be a positive int, got 0"),
+        ({"patch_size": 8, "patch_overlap": 8}, ValueError, r"^GridInferer: patch_overlap must satisfy"),
+        ({"patch_size": 8, "padding_mode": "bogus"}, ValueError, r"^GridInferer: padding_mode must be None"),
+        ({"roi_size": 8, "mode": "hann"}, ValueError, r"^GridInferer: mode must be one of"),
+        ({"roi_size": 8, "overlap": 1.5}, ValueError, r"^GridInferer: overlap must be a fraction"),
+    ],
+)
+def test_every_settings_error_names_the_class(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mpp.GridInferer(**kwargs)

@@ -24,13 +24,14 @@ OVERLAP_MODES = ("crop", *WINDOWS)
 
 
 def zeros_volume(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    """A zero-filled accumulator. On the CPU it comes from ``numpy.zeros`` (calloc): the kernel hands out zeroed
-    pages on first touch, which the accumulation does anyway, instead of ``torch.zeros`` writing the whole volume
-    up front (a third of the run time of a cheap network on 2 cores). Allocates the volume."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cpu" and dtype != torch.bfloat16:
-        return torch.from_numpy(np.zeros(tuple(shape), dtype=torch.empty((), dtype=dtype).numpy().dtype))
-    return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    """A zero-filled accumulator (allocates the volume).
+
+    ``torch.zeros`` writes every page once, in order, before the accumulation touches it. A ``numpy.zeros`` (calloc)
+    volume was tried: it is zeroed lazily, but numpy asks for transparent huge pages, and where each volume is new
+    memory (a cohort of shapes, outputs kept) their first touches, scattered in patch order inside the accumulation,
+    stall on the kernel's page compaction (``benchmarks/inference.py``'s cohort rows: 1.5x slower).
+    """
+    return torch.zeros(tuple(shape), dtype=dtype, device=torch.device("cpu") if device is None else device)
 
 
 def check_overlap_mode(overlap_mode: str, who: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..grid import TypePaddingMode, check_overlap_fits, check_padding_mode
-from ..sampling.monai_args import pick
+from ..sampling.monai_args import pick, pick_size
 
 __all__ = ["InfererSettings", "sliding_window_settings", "overlap_from_fraction"]
 
@@ -67,7 +67,23 @@ def overlap_from_fraction(fraction: Sequence[float], patch_size: Sequence[int], 
     return tuple(out)
 
 
-def sliding_window_settings(
+def sliding_window_settings(*args: Any, **kwargs: Any) -> InfererSettings:
+    """Resolve our arguments and MONAI's into :class:`InfererSettings` (see :func:`_resolve`); every error names
+    ``GridInferer``, whichever helper raised it.
+
+    Raises:
+        TypeError, ValueError: as :func:`_resolve`, the message starting with ``"GridInferer: "``.
+    """
+    try:
+        return _resolve(*args, **kwargs)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        if message.startswith("GridInferer:"):
+            raise
+        raise type(err)(f"GridInferer: {message}") from None
+
+
+def _resolve(
     patch_size: Any,
     patch_overlap: Any,
     overlap_mode: str | None,
@@ -90,14 +106,15 @@ def sliding_window_settings(
     ``cval`` for inputs smaller than the window, no border padding).
 
     Raises:
-        ValueError: one setting given under both names with different values, an unknown ``mode``, an overlap
+        ValueError: one setting given under both names with different values (one size spelt two ways, ``8`` and
+            ``(8, 8, 8)``, is one value), an unknown ``mode``, an overlap
             fraction outside ``[0, 1)``, ``with_coord=True`` (the network would need the window coordinates, which
             this inferer does not pass), or a bad size/overlap/batch size/padding mode.
     """
     if with_coord:
         raise ValueError("with_coord=True is not supported: GridInferer calls network(patches, *args, **kwargs).")
     monai_style = any(v is not None for v in (roi_size, sw_batch_size, overlap, mode))
-    size = pick("patch_size", patch_size, "roi_size", roi_size)
+    size = pick_size("patch_size", patch_size, "roi_size", roi_size)
     if size is None:
         raise TypeError("GridInferer: patch_size (or MONAI's roi_size) is required.")
     batch = pick("batch_size", batch_size, "sw_batch_size", sw_batch_size)
