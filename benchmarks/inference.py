@@ -25,9 +25,17 @@ the allocator kept on its free lists (without it, rows move by multiples of the 
 One batch of patches, the network's input and output (4 x 1 x 64^3 and 4 x 2 x 64^3 float32), is 12 MiB. TorchIO is
 optional: without it its rows are skipped with a note.
 
+A second table, the *cohort* scenario, measures inference the way an evaluator or a cohort script runs it: a cohort of
+``--cohort`` volumes of distinct shapes (seeded, each axis within +-10% of 192), each inferred once with every output
+kept by the caller, then a second pass over the same cohort (outputs kept too), plus the *cold first call* (the first
+inference of the process, on one more distinct shape, before the passes). Each method runs in a fresh subprocess per
+round (so every first pass is a real first pass: no plan, allocation or page of an earlier method is reused), rounds
+alternate the order of the methods, and ratios are paired within a round, as above.
+
 Run from the repository root::
 
-    python benchmarks/inference.py               # 192^3, 3 rounds, one memory subprocess per row
+    python benchmarks/inference.py               # 192^3, 3 rounds, one memory subprocess per row, then the cohort
+    python benchmarks/inference.py --scenario cohort --repeats 3   # the cohort table alone
     python benchmarks/inference.py --repeats 7
     python benchmarks/inference.py --quick       # 1x24^3, 12^3 patches, 1 repeat, no memory column (smoke test)
     python benchmarks/inference.py --device cuda # on a GPU: input, networks and outputs there; memory column from
@@ -40,6 +48,7 @@ import argparse
 import ctypes
 import gc
 import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -258,25 +267,136 @@ def in_child(library: str, mode: str, net: str, device: str = "cpu") -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def cohort_shapes(count: int, size: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """``count + 1`` distinct spatial shapes, each axis within +-10% of ``size`` (the first is the cold call's)."""
+    rng = torch.Generator().manual_seed(seed)
+    shapes: list[tuple[int, int, int]] = []
+    while len(shapes) < count + 1:
+        shape = tuple(int(size * (0.9 + 0.2 * float(v))) for v in torch.rand(3, generator=rng))
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def cohort_child(
+    library: str, mode: str, net: str, count: int, size: int, patch: int, overlap: int, batch: int
+) -> dict:
+    """In a fresh process: the cold first call, then two passes over the cohort, every output kept (seconds)."""
+    shapes = cohort_shapes(count, size)
+    torch.manual_seed(1)
+    images = [torch.randn(1, 1, *shape) for shape in shapes]
+    network = make_network(net)
+    kept: list = []
+    times = {}
+    with torch.no_grad():
+        start = time.perf_counter()
+        kept.append(make_runner(library, mode, network, images[0], patch, overlap, batch)())
+        times["cold"] = time.perf_counter() - start
+        for name in ("first", "second"):
+            start = time.perf_counter()
+            for image in images[1:]:
+                kept.append(make_runner(library, mode, network, image, patch, overlap, batch)())
+            times[name] = time.perf_counter() - start
+    return times
+
+
+def run_cohort(methods: list, net: str, count: int, repeats: int, size: int, patch: int, quick: bool) -> dict:
+    """Per method, the ``{"cold", "first", "second"}`` seconds of each round (methods alternate order per round)."""
+    rounds: dict = {key: [] for key in methods}
+    for r in range(repeats):
+        for library, mode in methods if r % 2 == 0 else methods[::-1]:
+            cmd = [sys.executable, __file__, "--cohort-child", library, mode, net, str(count), str(size)]
+            cmd += ["--quick"] if quick else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr}")
+            rounds[library, mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rounds
+
+
+def print_cohort(args: argparse.Namespace, size: int, patch: int, overlap: int, batch: int) -> None:
+    """The cohort table: cold first call, first and second pass, ours and the floor against the anchors."""
+    print()
+    print(
+        f"# cohort: {args.cohort} volumes of distinct shapes within +-10% of {size}^3 (+1 for the cold first call), "
+        f"each inferred once per pass, every output kept; {patch}^3 patches, overlap {overlap}, batch {batch}; "
+        f"{args.repeats} rounds, a fresh process per method and round; conv net: {args.cohort_conv} volumes"
+    )
+    print()
+    print(
+        "| network | method | mode | cold call (s) | first pass (s) | second pass (s) | MONAI / ours: cold, first, "
+        "second | TorchIO / ours: cold, first, second |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    pairs = {"hann": ("gaussian", "hann"), "average": ("constant", "average"), "crop": ("constant", "average")}
+    for net in args.nets.split(","):
+        count = args.cohort if net == "identity" else args.cohort_conv
+        methods = [(lib, mode) for lib, mode in METHODS if lib != "torchio" or HAS_TORCHIO]
+        if net == "identity":
+            methods.insert(3, FLOOR)
+        rounds = run_cohort(methods, net, count, args.repeats, size, patch, args.quick)
+        for library, mode in methods:
+            runs = rounds[library, mode]
+            medians = [statistics.median(run[k] for run in runs) for k in ("cold", "first", "second")]
+            ratios = ["", ""]
+            if library in ("GridInferer", FLOOR[0]):
+                for i, anchor in enumerate((("SlidingWindowInferer", pairs[mode][0]), ("torchio", pairs[mode][1]))):
+                    if anchor in rounds:
+                        ratios[i] = ", ".join(
+                            f"{paired_ratio([run[k] for run in rounds[anchor]], [run[k] for run in runs]):.2f}x"
+                            for k in ("cold", "first", "second")
+                        )
+            print(
+                f"| {net} | {library} | {mode} | {medians[0]:.3f} | {medians[1]:.3f} | {medians[2]:.3f} | "
+                f"{ratios[0]} | {ratios[1]} |"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny volume, 1 repeat, in-process (smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where the input, networks and outputs live (e.g. cuda)")
+    parser.add_argument("--scenario", choices=("all", "single", "cohort"), default="all")
+    parser.add_argument("--nets", default=",".join(NETS), help="networks to run, e.g. identity")
+    parser.add_argument("--cohort", type=int, default=6, help="volumes of the cohort scenario (identity network)")
+    parser.add_argument("--cohort-conv", type=int, default=2, help="volumes of the cohort scenario (conv network)")
     parser.add_argument("--child", nargs=3, metavar=("LIBRARY", "MODE", "NET"), help=argparse.SUPPRESS)
+    parser.add_argument("--cohort-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     size, patch, overlap, batch = (24, 12, 4, 4) if args.quick else (192, 64, 32, 4)
     if args.child:
         print(peak_extra_mib(*args.child, size, patch, overlap, batch, args.device))
         return 0
-    repeats = 1 if args.quick else args.repeats
+    if args.cohort_child:
+        library, mode, net, count, size = args.cohort_child
+        print(json.dumps(cohort_child(library, mode, net, int(count), int(size), patch, overlap, batch)))
+        return 0
+    args.repeats = 1 if args.quick else args.repeats
+    print_header(args, size, patch, overlap, batch)
+    if args.scenario in ("all", "cohort"):
+        print_cohort(args, size, patch, overlap, batch)
+    if args.scenario in ("all", "single"):
+        print_single(args, size, patch, overlap, batch)
+    return 0
+
+
+def print_header(args: argparse.Namespace, size: int, patch: int, overlap: int, batch: int) -> None:
+    """The machine and settings line."""
     print(
         f"# grid inference: 1x{size}^3, {patch}^3 patches, overlap {overlap}, batch {batch}; "
-        f"{repeats} repeats; torch {torch.__version__}, MONAI {monai.__version__}, "
+        f"{args.repeats} repeats; torch {torch.__version__}, MONAI {monai.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.machine()}, device {args.device}"
     )
     if not HAS_TORCHIO:
         print("# TorchIO is not installed (pip install torchio): its rows are skipped.")
+
+
+def print_single(args: argparse.Namespace, size: int, patch: int, overlap: int, batch: int) -> None:
+    """The single-shape table: one volume called again and again (steady state), with the memory column."""
+    repeats = args.repeats
+    print()
+    print("# single shape: one volume, called again and again, each output dropped")
     out_mib = 2 * size**3 * 4 / 2**20
     batch_mib = batch * 3 * patch**3 * 4 / 2**20
     print(
@@ -292,7 +412,7 @@ def main() -> int:
         "extra peak (MiB) | minus output |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for net in NETS:
+    for net in args.nets.split(","):
         methods = [(lib, mode) for lib, mode in METHODS if lib != "torchio" or HAS_TORCHIO]
         if net == "identity":
             methods.insert(3, FLOOR)
@@ -313,7 +433,6 @@ def main() -> int:
                 f"| {net} | {library} | {mode} | {median:.3f} | {ratio_monai} | {ratio_tio} | "
                 f"{statistics.median(outside[library, mode]):.3f} | {extra:.0f} | {extra - out_mib:.0f} |"
             )
-    return 0
 
 
 if __name__ == "__main__":
