@@ -70,9 +70,8 @@ def test_pointwise_network_reconstructs_the_input(case, mode):
 )
 @torch.no_grad()
 def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(mode, network, monkeypatch):
-    """The patch weights are built in the input batch's buffer once the network returned (with a store of 64
-    elements, every weight here), unless an output shares its memory: returned as is, changed in place, a view of
-    it, or a view made through numpy or DLPack."""
+    """An output that shares the input batch's memory (returned as is, changed in place, a view of it, or a view
+    made through numpy or DLPack) is blended as it was returned, whatever the size of the weight store."""
     monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
     x = torch.randn(2, 2, 19, 17, 13)
     expected = network(x.clone())
@@ -88,7 +87,7 @@ def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(m
 @torch.no_grad()
 def test_a_view_that_starts_inside_the_input_batch_is_not_overwritten_by_the_weights(mode, through, monkeypatch):
     """The centre of each patch, seen through numpy or DLPack: a storage of its own that starts inside the batch's
-    buffer, within the first weight's extent (a store of 64 elements sends the 6^3 weights there)."""
+    buffer, which the next batch refills only after this one was blended."""
     monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
     x = torch.randn(1, 1, 20, 16, 16)
     inferer = mpp.GridInferer(8, 4, mode, batch_size=3)
@@ -99,9 +98,9 @@ def test_a_view_that_starts_inside_the_input_batch_is_not_overwritten_by_the_wei
 @pytest.mark.parametrize("mode", ["average", "hann"])
 @torch.no_grad()
 def test_weights_built_in_the_input_batch_are_rebuilt_for_every_batch(mode, monkeypatch):
-    """With a store of 64 elements every 5x6x4 weight is large and goes into the spent input batch, which the next
-    batch overwrites; runs of patches with one weight cross batch boundaries (4 positions along the last axis,
-    batches of 3), so a weight kept from the previous batch would be read from the new patches."""
+    """A store that holds few weights is emptied and refilled often; runs of patches with one weight cross batch
+    boundaries (4 positions along the last axis, batches of 3), so a weight kept from an emptied store would be
+    read for the new patches."""
     x = torch.randn(1, 1, 13, 16, 14)
     expected = mpp.GridInferer((5, 6, 4), (2, 2, 1), mode, batch_size=3)(x, pointwise)
     monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
@@ -133,7 +132,7 @@ def test_gradients_reach_the_network_and_the_input(mode, store, input_grad, monk
     """As through MONAI's inferer. Autograd keeps each batch (the conv's input) and each patch weight it multiplied,
     so neither may be overwritten by a later batch or weight (the batch buffer and the weight store are reused in
     place without autograd). A 1x1x1 conv is pointwise, so the result is ``a * x + b`` and the gradients of its sum
-    are known; the second store size sends the weights to the scratch path."""
+    are known; the second store size makes the store empty and refill between batches."""
     monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", store)
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 1, 1)

@@ -93,8 +93,8 @@ class BlendPlan:
             strictly positive (see :func:`~.windows.axis_windows`).
 
     Allocates per-axis 1-D tensors; ``gaussian``: one patch-sized weight and its single-channel volume of summed
-    weights; ``average``/``hann``: the weights built by :class:`~.patch_weights.PatchWeights` (at most a 1 MiB store,
-    or one patch-sized weight for larger patches, none when :meth:`add` gets a fitting ``scratch``).
+    weights; ``average``/``hann``: the store of weights built by :class:`~.patch_weights.PatchWeights` (one
+    patch-sized weight, at least 1 MiB).
     """
 
     def __init__(
@@ -206,7 +206,6 @@ class BlendPlan:
         grid_index: Sequence[Sequence[int]],
         *,
         base: int = 0,
-        scratch: torch.Tensor | None = None,
     ) -> None:
         """Add (blend modes) or copy (``crop``) ``patches`` into ``out`` in place.
 
@@ -217,37 +216,31 @@ class BlendPlan:
             patches: ``(n, ..., *out_patch)`` on ``out``'s device, in :attr:`compute_dtype`.
             grid_index: ``n`` rows of per-axis patch indices into the grid's corners.
             base: the output row where ``out`` begins along the first spatial axis.
-            scratch: memory the caller no longer needs (the network's input batch, once the network returned and
-                when no output aliases it), overwritten with the patch weights of ``average``/``hann`` when it fits.
 
-        Allocates nothing but, in the separable modes, the store of built weights at the first patch whose weight
-        does not go into ``scratch`` (see :class:`~.patch_weights.PatchWeights`; ``crop``: one patch-sized temporary
-        only when the dtypes differ); when autograd records the adds (``patches`` require grad), a new tensor per
-        patch weight, which autograd keeps for the backward pass.
+        Allocates nothing but, in the separable modes, the store of built weights at the first patch (see
+        :class:`~.patch_weights.PatchWeights`; ``crop``: one patch-sized temporary only when the dtypes differ); when
+        autograd records the adds (``patches`` require grad), a new tensor per patch weight, which autograd keeps for
+        the backward pass.
         """
         top = base + out.shape[out.ndim - len(self.out_shape)]
         fresh = torch.is_grad_enabled() and patches.requires_grad  # autograd keeps the weights it multiplies
-        try:
-            for patch, index in zip(patches, grid_index):
-                box = self._box(index, base, top)
-                if box is None:
-                    continue
-                dst, src = box
-                target, values = out[(..., *dst)], patch[(..., *src)]
-                if self.crop:
-                    target.copy_(values)
-                elif self.weight is not None:
-                    target.addcmul_(values, self.weight[src])
+        for patch, index in zip(patches, grid_index):
+            box = self._box(index, base, top)
+            if box is None:
+                continue
+            dst, src = box
+            target, values = out[(..., *dst)], patch[(..., *src)]
+            if self.crop:
+                target.copy_(values)
+            elif self.weight is not None:
+                target.addcmul_(values, self.weight[src])
+            else:
+                assert self.patch_weights is not None
+                weight = self.patch_weights.get(index, src, fresh)
+                if isinstance(weight, float):
+                    target.add_(values, alpha=weight)
                 else:
-                    assert self.patch_weights is not None
-                    weight = self.patch_weights.get(index, src, scratch, fresh)
-                    if isinstance(weight, float):
-                        target.add_(values, alpha=weight)
-                    else:
-                        target.addcmul_(values, weight)
-        finally:
-            if self.patch_weights is not None:
-                self.patch_weights.forget_scratch()  # the caller reuses scratch
+                    target.addcmul_(values, weight)
 
     def add_constant(
         self, out: torch.Tensor, value: float, grid_index: Sequence[Sequence[int]], *, base: int = 0

@@ -48,26 +48,6 @@ WHO = "GridInferer"
 _KEPT_PLANS = 8  # blend plans a GridInferer keeps between calls
 
 
-def reusable_input(buffer: torch.Tensor | None, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """``buffer`` (the network's input batch, ours) when no output's memory overlaps it, so that, the network having
-    returned, its memory can take the patch weights; else ``None``. Compares the storages' address ranges, so views
-    made through numpy or DLPack (a storage of their own inside the buffer's) count too. Allocates nothing."""
-    if buffer is None:
-        return None
-    start, stop = _address_range(buffer)
-    for o in outputs:
-        lo, hi = _address_range(o)
-        if lo < stop and start < hi and o.device == buffer.device:
-            return None
-    return buffer
-
-
-def _address_range(tensor: torch.Tensor) -> tuple[int, int]:
-    """The ``[start, stop)`` addresses of ``tensor``'s storage."""
-    storage = tensor.untyped_storage()
-    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-
-
 @dataclass
 class _Job:
     """One call's resolved grid, devices and share of the patches."""
@@ -141,8 +121,7 @@ class _Batches:
     """The network's input batches of one call.
 
     Every batch is stacked into one buffer, allocated at the first batch and refilled for every call (fresh large
-    allocations cost page faults on every batch); once the network has returned and no output shares its memory,
-    the buffer is lent to the blend as scratch for patch weights. Every batch is a new tensor instead while
+    allocations cost page faults on every batch). Every batch is a new tensor instead while
     autograd records (the input, or the first batch's outputs, require grad), and whenever the network is an
     ``nn.Module`` with forward hooks, since a hook may keep the batch it sees.
     """
@@ -170,10 +149,9 @@ class _Batches:
                 self.buffer = views[0].new_empty(shape)
             yield chunk, torch.stack(views, out=self.buffer[: len(chunk)])
 
-    def scratch(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """Note whether autograd records the network; the buffer when it may take patch weights now."""
+    def note(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Note whether autograd records the network (then every batch stays a new tensor)."""
         self.graph = self.graph and (self.job.source.requires_grad or any(o.requires_grad for o in outputs))
-        return reusable_input(self.buffer, outputs)
 
 
 class GridInferer(Inferer):
@@ -251,24 +229,30 @@ class GridInferer(Inferer):
     ``gaussian`` floors the product of the axis windows as MONAI does, so its summed weights are not separable and
     one single-channel weight volume is kept (as MONAI's count map); the other modes keep none.
 
-    The inferer keeps the blend plans of the last few grids (per-axis weights, at most a 1 MiB store of built patch
-    weights each; see :meth:`plan`), so repeated calls on inputs of one shape do not rebuild them; one instance
-    should therefore not be called from several threads at once. The batch of patches handed to the network is one
-    buffer, refilled for every call and, once the network has returned (and no output shares its memory),
-    overwritten with patch weights, so a plain callable must not keep its input past the call. Every call gets a
-    new batch instead while autograd records, and when the network is an ``nn.Module`` with forward hooks (or
-    global ones are registered), so a hook may keep the input it sees.
+    The inferer keeps the blend plans of the last few grids (per-axis weights and a store of built patch weights
+    each, one patch weight and at least 1 MiB; see :meth:`plan`), so repeated calls on inputs of one shape do not
+    rebuild them; one instance should therefore not be called from several threads at once. The batch of patches
+    handed to the network is one buffer, refilled for every call, so a plain callable must not keep its input past
+    the call. Every call gets a new batch instead while autograd records, and when the network is an ``nn.Module`` with
+    forward hooks (or global ones are registered), so a hook may keep the input it sees.
 
     Raises:
         TypeError, ValueError: bad sizes, overlap, mode, batch size or padding mode, one setting given under our
             name and MONAI's with different values, or ``with_coord=True``; a ``postprocess`` that is not callable,
             a bad ``dst``.
 
-    Example::
-
-        inferer = GridInferer(patch_size=96, patch_overlap=32, batch_size=4)
-        with torch.no_grad():
-            prediction = inferer(image, model)        # image: (B, C, H, W, D)
+    Example:
+        >>> import torch
+        >>> from monai_patchplug import GridInferer
+        >>> inferer = GridInferer(patch_size=8, patch_overlap=4, batch_size=4)
+        >>> image = torch.rand(2, 1, 20, 18, 12)  # (B, C, H, W, D)
+        >>> model = torch.nn.Conv3d(1, 3, kernel_size=1)  # 3 output channels
+        >>> with torch.no_grad():
+        ...     prediction = inferer(image, model)
+        >>> prediction.shape
+        torch.Size([2, 3, 20, 18, 12])
+        >>> torch.allclose(inferer(image, lambda x: x), image)  # an identity network reconstructs the image
+        True
     """
 
     def __init__(
@@ -470,12 +454,12 @@ class GridInferer(Inferer):
             opened, rebuild = self._open_by_rows(job, batches, run)
         for chunk, window in steps:
             outputs, rebuild = flatten_output(run(window), WHO)
-            scratch = batches.scratch(outputs)
+            batches.note(outputs)
             if not opened:
                 opened = self._open_sinks(job, outputs, window, rebuild)
             if job.probe:
                 break
-            self._hand_over(job, opened, outputs, window, chunk, scratch)
+            self._hand_over(job, opened, outputs, window, chunk)
             del outputs  # free this batch's outputs before the network allocates the next ones
         return self._finish(job, opened, rebuild, inputs)
 
@@ -499,7 +483,7 @@ class GridInferer(Inferer):
         job.mine = [k for k in candidates if job.grid_index[k % n][0] in needed[k // n] and run_flat[k // n, k % n]]
         job.probe = False
         if job.mine and job.mine[0] == chunk[0]:  # the probed patch is the part's first: its output is not wasted
-            self._hand_over(job, opened, outputs, window, chunk, None)
+            self._hand_over(job, opened, outputs, window, chunk)
             job.mine = job.mine[1:]
         return opened, rebuild
 
@@ -676,7 +660,6 @@ class GridInferer(Inferer):
         outputs: list[torch.Tensor],
         window: torch.Tensor,
         chunk: list[int],
-        scratch: torch.Tensor | None,
     ) -> None:
         """Give each output's patches to the sinks of their items."""
         if len(outputs) != len(opened):
@@ -688,7 +671,7 @@ class GridInferer(Inferer):
             out = out.to(device=target.plan.device, dtype=target.plan.compute_dtype)
             for item, lo, hi in job.item_runs(chunk):
                 index = [job.grid_index[k % n] for k in chunk[lo:hi]]
-                target.sinks[item].add(out[lo:hi], index, scratch)
+                target.sinks[item].add(out[lo:hi], index)
 
     def _finish(
         self, job: _Job, opened: list[_Output], rebuild: Callable[[list[Any]], Any], inputs: Any

@@ -19,7 +19,10 @@ from .windows import grid_normaliser
 
 __all__ = ["PatchWeights"]
 
-#: elements of the plan's own store of built weights (1 MiB in float32); larger weights are built one at a time
+#: the least elements of a plan's store of built weights (1 MiB in float32); it holds one whole patch weight at
+#: least. A larger store buys little: near the volume's borders (the shifted last patch included) almost every
+#: patch of a grid over a volume of a few patches per axis has a weight of its own (125 of 150 on 180x200x170 with
+#: 64^3 patches, overlap 32), so a weight is built for most patches whatever the store keeps.
 _STORE_ELEMENTS = 1 << 18
 
 
@@ -32,9 +35,8 @@ class PatchWeights:
         lengths: per axis, the padded output length.
         dtype: the weights' dtype (the accumulator's).
 
-    Allocates per axis one vector per class, and a store of ``max(2^18, patch)`` elements for built weights,
-    emptied when full; a weight of more than ``2^16`` elements goes into the caller's ``scratch`` instead when that
-    fits, so large patches built with a scratch at every call need no store at all.
+    Allocates per axis one vector per class, and, at the first weight, a store of ``max(2^18, patch)`` elements for
+    built weights (1 MiB for 64^3 float32 patches), emptied when full.
     """
 
     def __init__(
@@ -67,9 +69,8 @@ class PatchWeights:
         self._parts: dict[tuple[int, int, int, int], tuple[torch.Tensor, float | None]] = {}
         self._built: dict[tuple, torch.Tensor] = {}
         self._store: torch.Tensor | None = None
+        self._capacity = max(_STORE_ELEMENTS, math.prod(len(w) for w in windows))
         self._used = 0
-        self._scratch_key: tuple | None = None
-        self._scratch_weight: torch.Tensor | None = None
 
     def _part(self, axis: int, j: int, src: slice) -> tuple[tuple[int, int, int, int], torch.Tensor, float | None]:
         """The name, vector and constant value (``None`` if it varies) of grid position ``j``'s vector on ``axis``
@@ -81,17 +82,13 @@ class PatchWeights:
             part = self._parts[key] = (v, float(v[0]) if bool((v == v[0]).all()) else None)
         return (key, *part)
 
-    def get(
-        self, index: Sequence[int], src: Sequence[slice], scratch: torch.Tensor | None = None, fresh: bool = False
-    ) -> torch.Tensor | float:
+    def get(self, index: Sequence[int], src: Sequence[slice], fresh: bool = False) -> torch.Tensor | float:
         """The weight of the patch at grid ``index`` over its part ``src`` (per-axis slices of the patch).
 
-        A number when it is constant there; else a tensor of the part's shape. A large weight (over a quarter of
-        the store) is built in ``scratch`` when that is contiguous, of the weights' dtype and device and large
-        enough; it is then valid until :meth:`forget_scratch`. Allocates the store at the first weight that goes
-        there (see the class), and nothing else but the small per-axis parts; with ``fresh``, a new tensor for every
-        weight that is not a number instead (for autograd to keep for the backward pass: the store and the scratch
-        are overwritten in place).
+        A number when it is constant there; else a tensor of the part's shape, kept in the store until the store
+        is full (then the store is emptied and refilled). Allocates the store at the first weight, and nothing else
+        but the small per-axis parts; with ``fresh``, a new tensor for every weight that is not a number instead
+        (for autograd to keep for the backward pass: the store is overwritten in place).
         """
         parts = [self._part(axis, j, s) for axis, (j, s) in enumerate(zip(index, src))]
         if all(c is not None for _, _, c in parts):
@@ -101,37 +98,18 @@ class PatchWeights:
         if fresh:
             return _outer(vectors, torch.empty(shape, dtype=self.dtype, device=self.device))
         key = tuple(name for name, _, _ in parts)
-        if key == self._scratch_key:
-            return self._scratch_weight
         weight = self._built.get(key)
         if weight is not None:
             return weight
         numel = math.prod(shape)
-        if numel > _STORE_ELEMENTS // 4 and self._fits(scratch, numel):
-            assert scratch is not None
-            self._scratch_key, self._scratch_weight = key, _outer(vectors, scratch.reshape(-1)[:numel].view(shape))
-            return self._scratch_weight
         if self._store is None or self._used + numel > self._store.numel():
-            if self._store is None or self._store.numel() < numel:
-                self._store = torch.empty(max(numel, _STORE_ELEMENTS), dtype=self.dtype, device=self.device)
+            if self._store is None:
+                self._store = torch.empty(self._capacity, dtype=self.dtype, device=self.device)
             self._built = {}
             self._used = 0
         weight = self._built[key] = _outer(vectors, self._store[self._used : self._used + numel].view(shape))
         self._used += numel
         return weight
-
-    def _fits(self, scratch: torch.Tensor | None, numel: int) -> bool:
-        return (
-            scratch is not None
-            and scratch.dtype == self.dtype
-            and scratch.device == self.device
-            and scratch.is_contiguous()
-            and scratch.numel() >= numel
-        )
-
-    def forget_scratch(self) -> None:
-        """Forget the weight built in the caller's scratch (the caller is about to reuse it)."""
-        self._scratch_key = self._scratch_weight = None
 
 
 def _outer(vectors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

@@ -47,9 +47,7 @@ _CHUNK = 1 << 22  # elements of the ``(C, rows, *rest)`` slabs handed to ``postp
 class PatchSink(Protocol):
     """What a front end hands one volume's patches to."""
 
-    def add(
-        self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]], scratch: torch.Tensor | None = None
-    ) -> None:
+    def add(self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]]) -> None:
         """Add ``(n, C, *out_patch)`` outputs (accumulator dtype and device) of the patches at ``grid_index``."""
 
     def finish(self) -> Any:
@@ -83,11 +81,9 @@ class VolumeSink:
     ) -> None:
         self.plan, self.volume, self.run, self.fill_value = plan, volume, run, float(fill_value)
 
-    def add(
-        self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]], scratch: torch.Tensor | None = None
-    ) -> None:
+    def add(self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]]) -> None:
         """Blend ``patches`` into the volume (see :meth:`~.blend.BlendPlan.add`)."""
-        self.plan.add(self.volume, patches, grid_index, scratch=scratch)
+        self.plan.add(self.volume, patches, grid_index)
 
     def add_skipped(self) -> None:
         """Add the skipped patches' fill (a no-op without a mask or with a zero fill)."""
@@ -117,11 +113,9 @@ class ShardedSink:
     def __init__(self, inner: VolumeSink, group: Any, dst: int | None, who: str) -> None:
         self.inner, self.group, self.dst, self.who = inner, group, dst, who
 
-    def add(
-        self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]], scratch: torch.Tensor | None = None
-    ) -> None:
+    def add(self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]]) -> None:
         """Blend ``patches`` into this rank's accumulator."""
-        self.inner.add(patches, grid_index, scratch)
+        self.inner.add(patches, grid_index)
 
     def finish(self) -> torch.Tensor | None:
         """The summed, normalised volume (``None`` on ranks other than ``dst``).
@@ -297,11 +291,9 @@ class SlabSink:
         """The grid rows whose patches this sink needs (those touching a segment it writes)."""
         return sorted({j for s, rows in enumerate(self._rows_of) if self.active[s] for j in rows})
 
-    def add(
-        self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]], scratch: torch.Tensor | None = None
-    ) -> None:
+    def add(self, patches: torch.Tensor, grid_index: Sequence[Sequence[int]]) -> None:
         """Add ``(n, C, *out_patch)`` network outputs (in the accumulator dtype and device) of the patches at
-        ``grid_index`` (``n`` rows of per-axis indices); writes every slab this completes. ``scratch`` is unused.
+        ``grid_index`` (``n`` rows of per-axis indices); writes every slab this completes.
 
         Raises:
             ValueError: a patch that is skipped, or added after its slabs were written.
