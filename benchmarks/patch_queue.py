@@ -15,17 +15,26 @@ timed from creating the loader's iterator to its last batch (worker start-up inc
 persistent workers); after one warm-up epoch each, epochs alternate between the libraries and the median is reported.
 TorchIO is optional: without it its row is skipped with a note.
 
+``--store`` measures training from disk instead (issue 16): the same cases written as ``.nii.gz`` and ``.nii``, and
+prepared once by ``PatchStore`` (chunked lz4 zarr + label index); rows: ``PatchQueue`` + ``LoadLazyd`` on the store
+(only the patches are read, the label index draws the centres), TorchIO's Queue and MONAI (``Dataset`` +
+``LoadImaged`` + ``RandCropByLabelClassesd``) on the ``.nii.gz`` and the ``.nii`` files. It prints patches/s, the peak
+RSS of a worker (recorded by each worker as it loads a volume: the peak so far), the RSS of the process the workers are
+forked from (their baseline), one batch of patches, and the store's size against the ``.nii.gz`` files.
+
 Run from the repository root::
 
     python benchmarks/patch_queue.py             # 8 volumes of 160^3, .nii, 5 epochs each
     python benchmarks/patch_queue.py --gz        # gzip-compressed .nii.gz files
     python benchmarks/patch_queue.py --quick     # 4 volumes of 24^3, 8^3 patches, 1 epoch each
+    python benchmarks/patch_queue.py --store --volumes 16 --shape 256 256 192 --epochs 3   # issue 16's figure
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -89,9 +98,7 @@ def theirs(tio: ModuleType, files: list[dict[str, str]], args: argparse.Namespac
     """A fresh epoch of TorchIO Queue batches per call."""
     subjects = [tio.Subject(image=tio.ScalarImage(f["image"]), label=tio.LabelMap(f["label"])) for f in files]
     sampler = tio.LabelSampler(args.patch, "label", LABEL_PROBS)
-    queue = tio.Queue(
-        tio.SubjectsDataset(subjects), args.max_length, args.samples, sampler, num_workers=args.workers
-    )
+    queue = tio.Queue(tio.SubjectsDataset(subjects), args.max_length, args.samples, sampler, num_workers=args.workers)
     loader = tio.SubjectsLoader(queue, batch_size=args.batch, num_workers=0)
     return lambda: loader
 
@@ -103,6 +110,122 @@ def run_epoch(make_epoch: Callable[[], Iterable]) -> tuple[float, int]:
     for batch in make_epoch():
         count += int(batch["image"]["data"].shape[0] if isinstance(batch["image"], dict) else batch["image"].shape[0])
     return time.perf_counter() - start, count
+
+
+class RecordRSS:
+    """A transform that adds the worker's peak RSS so far (bytes) to the data dict (collated with the patches)."""
+
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform, self.base = transform, None
+
+    def __call__(self, item: Any) -> Any:
+        if self.base is None:  # this worker's RSS before its first volume: the interpreter's baseline
+            self.base = current_rss()
+        out = self.transform(item)
+        if isinstance(out, dict):
+            out = {**out, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_base": self.base}
+        return out
+
+
+def current_rss() -> int:
+    """This process's resident set size now (bytes; Linux ``/proc``, else the peak so far)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss(batch: Any) -> tuple[int, int]:
+    """The largest peak RSS recorded in a batch and that worker's baseline (0, 0 when none)."""
+    value = batch.get("rss") if isinstance(batch, dict) else None
+    if value is None:
+        return 0, 0
+    at = int(torch.as_tensor(value).argmax())
+    return int(torch.as_tensor(value)[at]), int(torch.as_tensor(batch["rss_base"])[at])
+
+
+def store_loops(files_gz: list, files_nii: list, prepared: list, args: argparse.Namespace, tio: Any) -> dict:
+    """The loops compared in ``--store`` mode: ours on the prepared store, TorchIO and MONAI on the files."""
+    from monai.data import Dataset
+    from monai.transforms import RandCropByLabelClassesd
+
+    sampler = mpp.LabelSampler(args.patch, "label", LABEL_PROBS, keys=KEYS)
+    lazy = RecordRSS(mpp.LoadLazyd(KEYS))
+    queue = mpp.PatchQueue(prepared, args.max_length, args.samples, sampler, transform=lazy, seed=0)
+    loader = DataLoader(queue, batch_size=args.batch, num_workers=args.workers)
+    loops: dict[str, Callable[[], Iterable]] = {"PatchQueue + LoadLazyd, prepared store": lambda: loader}
+    for suffix, files in ((".nii.gz", files_gz), (".nii", files_nii)):
+        crop = RandCropByLabelClassesd(
+            KEYS, "label", [args.patch] * 3, ratios=[LABEL_PROBS[0], LABEL_PROBS[1]], num_classes=2,
+            num_samples=args.samples,
+        )  # fmt: skip
+        load = Compose([RecordRSS(Compose([LoadImaged(KEYS, image_only=True, dtype=None), EnsureChannelFirstd(KEYS)])),
+                        crop])  # fmt: skip
+        dataset = Dataset(files, load)
+        monai_loader = DataLoader(dataset, batch_size=args.batch // args.samples or 1, num_workers=args.workers)
+        loops[f"MONAI Dataset + LoadImaged + RandCropByLabelClassesd, {suffix}"] = lambda ml=monai_loader: ml
+        if tio is not None:
+            loops[f"TorchIO {tio.__version__} Queue, {suffix}"] = theirs(tio, files, args)
+    return loops
+
+
+def run_store(args: argparse.Namespace, tio: Any) -> int:
+    """``--store``: time the loops of :func:`store_loops` in interleaved rounds and print the table."""
+    shape = tuple(args.shape) if args.shape else (args.size,) * 3
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files_gz = write_volumes(root, args.volumes, shape, ".nii.gz")
+        files_nii = write_volumes(root, args.volumes, shape, ".nii")
+        start = time.perf_counter()
+        prepared = mpp.PatchStore(root / "store", chunks=args.chunks, workers=args.workers, progress=False)(
+            files_gz, KEYS, "label"
+        )
+        prepare_s = time.perf_counter() - start
+        store_bytes = sum(p.stat().st_size for p in (root / "store").rglob("*") if p.is_file())
+        gz_bytes = sum(Path(f[k]).stat().st_size for f in files_gz for k in KEYS)
+        import zarr  # imported before the workers fork, as the loaders' own modules are
+
+        if args.zarr_threads:  # zarr's reader threads per worker (default: one per core); 1 was faster on 2 cores
+            zarr.config.set({"threading.max_workers": args.zarr_threads})
+
+        loops = store_loops(files_gz, files_nii, prepared, args, tio)
+        baseline = current_rss()
+        times: dict[str, list[float]] = {name: [] for name in loops}
+        peaks: dict[str, tuple[int, int]] = dict.fromkeys(loops, (0, 0))
+        expected = args.volumes * args.samples
+        for round_index in range(1 + args.epochs):
+            names = list(loops) if round_index % 2 == 0 else list(loops)[::-1]
+            for name in names:
+                begin, count = time.perf_counter(), 0
+                for batch in loops[name]():
+                    count += int(batch["image"]["data"].shape[0] if isinstance(batch["image"], dict) else
+                                 batch["image"].shape[0])  # fmt: skip
+                    peaks[name] = max(peaks[name], peak_rss(batch))
+                if count != expected:
+                    raise RuntimeError(f"{name}: {count} patches in an epoch, expected {expected}.")
+                if round_index:
+                    times[name].append(time.perf_counter() - begin)
+    batch_mib = args.batch * args.patch**3 * 5 / 2**20  # float32 image + uint8 label
+    print(
+        f"{args.volumes} cases 1x{'x'.join(map(str, shape))} (float32 image, uint8 label), LabelSampler {args.patch}^3 "
+        f"{LABEL_PROBS}, {args.samples} patches/case, batch {args.batch}, {args.workers} workers; median of "
+        f"{args.epochs} epochs of {expected} patches (after 1 warm-up, order alternating); queue length "
+        f"{args.max_length}, zarr reader threads {args.zarr_threads or 'default'}\n"
+    )
+    ratio = store_bytes / gz_bytes
+    print(f"store: {store_bytes / 2**20:.1f} MiB vs .nii.gz {gz_bytes / 2**20:.1f} MiB ({ratio:.2f}x), "
+          f"chunks {args.chunks}^3, prepared in {prepare_s:.1f} s; one batch of patches {batch_mib:.1f} MiB; "
+          f"parent process RSS when the workers fork {baseline / 2**20:.0f} MiB; a worker's baseline is its RSS before "
+          "its first volume\n")  # fmt: skip
+    ours_s = statistics.median(times["PatchQueue + LoadLazyd, prepared store"])
+    print("| loop | s / epoch | patches / s | ours faster by | peak RSS of a worker (MiB) |")
+    print("|---|---|---|---|---|")
+    for name, values in times.items():
+        seconds = statistics.median(values)
+        top, base = peaks[name]
+        peak = f"{top / 2**20:.0f} ({(top - base) / 2**20:.0f} above its baseline)" if top else "n/a"
+        print(f"| {name} | {seconds:.2f} | {expected / seconds:.1f} | {seconds / ours_s:.2f}x | {peak} |")
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +240,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=32, help="queue length (ours: per worker)")
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs per library (after 1 warm-up)")
     parser.add_argument("--gz", action="store_true", help="write .nii.gz instead of .nii")
+    parser.add_argument("--store", action="store_true", help="training from disk: a prepared store vs the files")
+    parser.add_argument("--shape", type=int, nargs=3, default=None, help="volume shape (default: --size cubed)")
+    parser.add_argument("--chunks", type=int, default=32, help="--store: chunk edge of the prepared store")
+    parser.add_argument(
+        "--zarr-threads", type=int, default=1, help="--store: zarr reader threads per worker (0: zarr's)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.volumes, args.size, args.patch, args.samples, args.epochs = 4, 24, 8, 4, 1
@@ -129,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         import torchio as tio
     except ImportError:
         tio = None
+    if args.store:
+        return run_store(args, tio)
     shape = (args.size,) * 3
     with tempfile.TemporaryDirectory() as tmp:
         files = write_volumes(Path(tmp), args.volumes, shape, ".nii.gz" if args.gz else ".nii")

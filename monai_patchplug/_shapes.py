@@ -14,6 +14,17 @@ __all__ = ["LOCATION", "TypeSpatialShape", "parse_spatial_shape", "get_batch_ima
 
 #: Key under which every patch dict stores its box: ``2 * ndim`` values, the start on each spatial axis (inclusive),
 #: then the end (exclusive): ``[i0, j0, k0, i1, j1, k1]`` in 3-D, ``[i0, i1]`` for a 1-D signal.
+#:
+#: Example:
+#:     >>> import torch
+#:     >>> from monai_patchplug import LOCATION, GridSampler
+#:     >>> image = torch.arange(24.0).reshape(1, 4, 6)
+#:     >>> patches = GridSampler(patch_size=(2, 3))({"image": image})
+#:     >>> [patch[LOCATION].tolist() for patch in patches]
+#:     [[0, 0, 2, 3], [0, 3, 2, 6], [2, 0, 4, 3], [2, 3, 4, 6]]
+#:     >>> i0, j0, i1, j1 = patches[1][LOCATION].tolist()
+#:     >>> torch.equal(patches[1]["image"], image[:, i0:i1, j0:j1])
+#:     True
 LOCATION = "location"
 
 TypeSpatialShape = int | Sequence[int]
@@ -39,6 +50,14 @@ def parse_spatial_shape(shape: TypeSpatialShape) -> tuple[int, int, int]:
     Raises:
         TypeError: if ``shape`` or one of its items is not an integer.
         ValueError: if a value is not positive or the sequence does not have 3 items.
+
+    Example:
+        >>> import numpy as np
+        >>> from monai_patchplug import parse_spatial_shape
+        >>> parse_spatial_shape(64)
+        (64, 64, 64)
+        >>> parse_spatial_shape(np.array([96, 96, 32]))
+        (96, 96, 32)
     """
     if isinstance(shape, torch.Tensor | np.ndarray):
         shape = shape.tolist()
@@ -111,19 +130,51 @@ def is_array(value: Any) -> bool:
     return isinstance(value, torch.Tensor | np.ndarray)
 
 
+def is_lazy(value: Any) -> bool:
+    """Whether ``value`` is an array-like to read box by box rather than an array in memory.
+
+    A ``numpy.memmap`` counts (a file read in place); other numpy arrays and tensors are in memory; anything else with
+    ``shape``, ``dtype`` and ``__getitem__`` (``zarr.Array``, ``h5py.Dataset``, a dask array, nibabel's ``ArrayProxy``,
+    :class:`~monai_patchplug.LazyVolume`) counts. Reads nothing.
+    """
+    if isinstance(value, np.memmap):
+        return True
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return False
+    return hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__")
+
+
+def read_box(array: Any, index: tuple) -> torch.Tensor:
+    """``array[index]`` of an array-like as a CPU tensor of its own (a memmap's box is copied, so the file is not held).
+
+    Reads only the box (the array-like's own ``__getitem__``); allocates the box.
+    """
+    block = array[index]
+    if isinstance(block, torch.Tensor):
+        return block
+    data = np.asarray(block)
+    data = np.array(data) if isinstance(block, np.memmap) or not data.flags.writeable else np.ascontiguousarray(data)
+    return torch.from_numpy(data)
+
+
 def plain_tensor(img: torch.Tensor | np.ndarray) -> torch.Tensor:
     """``img`` as a plain ``torch.Tensor`` sharing its memory (a MetaTensor's data, a numpy array's buffer)."""
     return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
 
 
 def host_array(img: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``img`` as a numpy array: a view of a CPU tensor's memory; a copy from another device or for bfloat16.
+    """``img`` as a numpy array: a view of a CPU tensor's memory; a copy from another device or for bfloat16; an
+    array-like (see :func:`is_lazy`) read whole into memory.
 
     The samplers' bulk passes (compare, row sums, min/max) run in numpy: on a loaded 2-core machine torch's
     threaded reductions over a strided view were 5-10x slower than numpy's single pass.
     """
-    if isinstance(img, np.ndarray):
+    if isinstance(img, np.ndarray) and not isinstance(img, np.memmap):
         return img
+    if is_lazy(img):  # an array-like: read whole (callers that need less read boxes with read_box)
+        img = read_box(img, (slice(None),) * len(img.shape))
+        if isinstance(img, np.ndarray):
+            return img
     t = plain_tensor(img).detach()
     if t.dtype == torch.bfloat16:
         t = t.float()
@@ -161,7 +212,9 @@ def image_entries(data: Mapping[Hashable, Any], leading: int = 1) -> list[Hashab
     Returns:
         The image keys.
     """
-    arrays = {k: v.ndim - leading for k, v in data.items() if is_array(v) and v.ndim > leading}
+    arrays = {
+        k: len(v.shape) - leading for k, v in data.items() if (is_array(v) or is_lazy(v)) and len(v.shape) > leading
+    }
     least = 2 if any(ndim >= 2 for ndim in arrays.values()) else 1
     return [k for k, ndim in arrays.items() if ndim >= least]
 
@@ -181,6 +234,14 @@ def get_batch_images_and_size(batch: Mapping[Hashable, Any]) -> tuple[list[Hasha
     Raises:
         TypeError: if ``batch`` is not a mapping.
         ValueError: if it holds no image, or the images disagree on the batch size.
+
+    Example:
+        >>> import torch
+        >>> from monai.data import list_data_collate
+        >>> from monai_patchplug import get_batch_images_and_size
+        >>> subjects = [{"image": torch.zeros(1, 8, 8, 8), "label": torch.zeros(1, 8, 8, 8), "id": i} for i in (1, 2)]
+        >>> get_batch_images_and_size(list_data_collate(subjects))
+        (['image', 'label'], 2)
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of batched tensors, got {type(batch).__name__}.")

@@ -107,14 +107,27 @@ class PatchQueue(IterableDataset):
     mixes the volumes in its worker's buffer; ``shuffle=False`` yields the volumes in index order and each volume's
     patches in the order drawn.
 
-    Example::
+    Example:
+        In-memory volumes here; typically ``data`` lists file names, ``transform`` loads them and the loader has
+        ``num_workers > 0``, so loading and sampling run in its workers:
 
-        queue = PatchQueue(files, 64, 8, LabelSampler(96, "label", {0: 1, 1: 2}), transform=load, seed=0)
-        loader = monai.data.DataLoader(queue, batch_size=4, num_workers=4)
-        for epoch in range(epochs):
-            queue.set_epoch(epoch)
-            for batch in loader:
-                ...
+        >>> import torch
+        >>> from monai.data import DataLoader
+        >>> from monai_patchplug import LOCATION, LabelSampler, PatchQueue
+        >>> label = torch.zeros(1, 16, 16, 16, dtype=torch.uint8)
+        >>> label[0, 4:12, 4:12, 4:12] = 1
+        >>> volumes = [{"image": torch.rand(1, 16, 16, 16), "label": label} for _ in range(3)]
+        >>> sampler = LabelSampler(8, "label", {0: 1, 1: 2})
+        >>> queue = PatchQueue(volumes, max_length=8, samples_per_volume=4, sampler=sampler, seed=0)
+        >>> loader = DataLoader(queue, batch_size=4, num_workers=0)
+        >>> len(queue)  # patches per epoch
+        12
+        >>> for epoch in range(2):
+        ...     queue.set_epoch(epoch)  # other volume order and patches each epoch
+        ...     for batch in loader:
+        ...         pass  # train on batch["image"], batch["label"]
+        >>> batch["image"].shape, batch["label"].shape, batch[LOCATION].shape
+        (torch.Size([4, 1, 8, 8, 8]), torch.Size([4, 1, 8, 8, 8]), torch.Size([4, 6]))
 
     Memory: each worker holds at most ``max_length`` patches (buffer and the patches being sampled together, the
     patches being contiguous copies, never views of a volume) plus the one volume it is sampling; the DataLoader adds
@@ -132,6 +145,11 @@ class PatchQueue(IterableDataset):
     Workers: each of the DataLoader's workers takes every ``num_workers``-th volume of its rank's share and collates
     its own batches, so an epoch may end with one partial batch per worker (all patches are still delivered, unless
     the loader has ``drop_last=True``).
+
+    Volumes on disk: with :class:`~monai_patchplug.LoadLazyd` as ``transform`` (cases prepared by
+    :class:`~monai_patchplug.PatchStore`, or uncompressed files) a volume is opened, not loaded, and the sampler reads
+    only its patches, so a worker holds at most its buffer of ``max_length`` patches (and the open files), never a
+    volume.
 
     Metadata: every tensor of a batch crosses from a worker to the main process through its own shared-memory file, so
     the dozens of reader entries a ``MetaTensor`` carries (a NIfTI header's fields, each collated to a tensor) cost

@@ -75,12 +75,18 @@ class GridAggregator:
         TypeError: a ``sampler`` that is not a :class:`~monai_patchplug.GridSampler`, a ``roi_mask`` given as a key,
             a ``postprocess`` that is not callable, a ``fill_value`` that is not a number.
 
-    Example::
-
-        aggregator = GridAggregator(sampler, overlap_mode="hann")
-        for patch in sampler(subject):
-            aggregator.add_batch(model(patch["t1"][None]), patch[LOCATION][None])
-        output = aggregator.get_output_tensor()
+    Example:
+        >>> import torch
+        >>> from monai_patchplug import LOCATION, GridAggregator, GridSampler
+        >>> image = torch.rand(1, 10, 12)
+        >>> sampler = GridSampler(patch_size=4, patch_overlap=2)
+        >>> aggregator = GridAggregator(sampler, overlap_mode="hann")
+        >>> for patch in sampler({"t1": image}):
+        ...     output = 2 * patch["t1"][None]  # the network: a (1, C, 4, 4) batch in, (1, C', 4, 4) out
+        ...     aggregator.add_batch(output, patch[LOCATION][None])
+        >>> volume = aggregator.get_output_tensor()
+        >>> volume.shape, torch.allclose(volume, 2 * image)
+        (torch.Size([1, 10, 12]), True)
     """
 
     def __init__(

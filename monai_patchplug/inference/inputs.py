@@ -16,6 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms.croppad.functional import pad_nd
 
+from .._shapes import is_lazy
 from ..grid import GridGeometry, check_pad_fits, pad_batch
 
 __all__ = ["LazyBatch", "LazySource", "TensorSource", "is_lazy", "lazy_batch", "open_source"]
@@ -23,16 +24,6 @@ __all__ = ["LazyBatch", "LazySource", "TensorSource", "is_lazy", "lazy_batch", "
 #: pad modes whose padded rows copy rows of the input (so a slab can be padded from the rows read for it)
 _ROW_MODES = {"constant": "constant", "edge": "edge", "replicate": "edge", "reflect": "reflect",
               "symmetric": "symmetric", "wrap": "wrap", "circular": "wrap"}  # fmt: skip
-
-
-def is_lazy(inputs: Any) -> bool:
-    """Whether ``inputs`` is an array-like to read box by box (a ``numpy.memmap`` counts; other arrays and tensors
-    are in memory)."""
-    if isinstance(inputs, np.memmap):
-        return True
-    if isinstance(inputs, torch.Tensor | np.ndarray):
-        return False
-    return hasattr(inputs, "shape") and hasattr(inputs, "dtype") and hasattr(inputs, "__getitem__")
 
 
 def _as_tensor(block: Any) -> torch.Tensor:
@@ -191,6 +182,18 @@ def lazy_batch(array: Any, channel_dim: int | None = None) -> LazyBatch:
     Raises:
         TypeError: an object without ``shape``, ``dtype`` or ``__getitem__``.
         ValueError: a ``channel_dim`` outside the array's axes.
+
+    Example:
+        >>> import numpy as np
+        >>> import torch
+        >>> from monai_patchplug import GridInferer, lazy_batch
+        >>> volume = np.arange(20 * 16 * 2, dtype=np.float32).reshape(20, 16, 2)  # (*spatial, C), e.g. a np.memmap
+        >>> batch = lazy_batch(volume, channel_dim=-1)  # nothing is read yet
+        >>> batch.shape
+        (1, 2, 20, 16)
+        >>> output = GridInferer(patch_size=8, patch_overlap=2)(batch, lambda x: x + 1)  # reads a patch at a time
+        >>> output.shape, torch.allclose(output[0], torch.from_numpy(volume).permute(2, 0, 1) + 1)
+        (torch.Size([1, 2, 20, 16]), True)
     """
     if not all(hasattr(array, name) for name in ("shape", "dtype", "__getitem__")):
         raise TypeError(f"lazy_batch: array must have shape, dtype and slicing, got {type(array).__name__}.")

@@ -22,15 +22,18 @@ from .._shapes import (
     LOCATION,
     TypeSpatialShape,
     fill_patch_size,
+    host_array,
     image_entries,
     is_array,
+    is_lazy,
     location_tensor,
     parse_spatial_shape,
+    read_box,
     resolve_patch_size,
     spec_length,
 )
 from .._shapes import spatial_shape as _spatial_shape
-from .crop import crop_box, crop_source, translated_affines, uncrop
+from .crop import crop_box, crop_source, read_crop, translated_affines, uncrop
 
 __all__ = ["PatchSampler"]
 
@@ -56,6 +59,13 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
 
     Subclasses implement :meth:`draw_corners`. Randomness comes only from ``self.R``; inputs are never modified.
 
+    Entries may also be array-likes (``shape``, ``dtype`` and ``__getitem__`` with a tuple of slices:
+    ``numpy.memmap``, ``zarr.Array``, ``h5py.Dataset``, :class:`~monai_patchplug.LazyVolume` from
+    :class:`~monai_patchplug.LoadLazyd`): only the patch boxes are read from them (plus what a map-driven draw needs:
+    the valid-centre region of a label map without a :class:`~monai_patchplug.LabelIndex`, channel 0 of a weight
+    map), and each patch is the MetaTensor (affine, crop record for ``Invertd``) the same image in memory gives. Such
+    patches are read eagerly, also under ``lazy=True``.
+
     Args:
         patch_size: an int or one int per spatial dim; images of any spatial rank >= 1 (a ``(C, S)`` signal, a
             ``(C, H, W, D, T)`` volume). The image's rank decides: an int is that size on each of its axes, so one
@@ -78,6 +88,23 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
 
     Raises:
         TypeError, ValueError: on a bad ``patch_size`` or ``num_samples``.
+
+    Example:
+        A sampler that always takes the patch at the origin; the base class crops every image entry, copies the
+        others and records the box:
+
+        >>> import numpy as np
+        >>> import torch
+        >>> from monai_patchplug import LOCATION, PatchSampler
+        >>> class OriginSampler(PatchSampler):
+        ...     def draw_corners(self, data, spatial_shape, patch_size, n):
+        ...         return np.zeros((n, len(spatial_shape)), dtype=np.int64)
+        >>> patch = OriginSampler(patch_size=2)({"image": torch.arange(16.0).reshape(1, 4, 4), "id": "s01"})
+        >>> patch["image"].shape, patch[LOCATION], patch["id"]
+        (torch.Size([1, 2, 2]), tensor([0, 0, 2, 2]), 's01')
+        >>> patch["image"].as_tensor()
+        tensor([[[0., 1.],
+                 [4., 5.]]])
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -202,7 +229,7 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
         """
         info = self.get_transform_info()
         corners = np.asarray(corners, dtype=np.int64)
-        sources = {key: crop_source(data[key]) for key in keys}
+        sources = {key: data[key] if is_lazy(data[key]) else crop_source(data[key]) for key in keys}
         affines = {
             key: translated_affines(src.affine, corners) if isinstance(src, MetaTensor) else None
             for key, src in sources.items()
@@ -216,7 +243,10 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             location = location_tensor(corner, size)
             for key, src in sources.items():
                 affine = None if affines[key] is None else affines[key][index]
-                out = crop_box(src, corner, size, info, lazy=lazy, affine=affine, copy=self.copy)
+                if is_lazy(src):  # read the box only; nothing to defer under lazy=True
+                    out = read_crop(src, corner, size, info)
+                else:
+                    out = crop_box(src, corner, size, info, lazy=lazy, affine=affine, copy=self.copy)
                 if isinstance(out, MetaTensor):
                     out.meta["patch_index"] = index
                     out.meta["crop_center"] = centres[index].copy()
@@ -267,8 +297,8 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
             keys = [map_key] + [k for k in keys if k != map_key]
         for key in keys:
             value = data[key]
-            if not is_array(value) or value.ndim < 2:
-                got = tuple(value.shape) if is_array(value) else type(value).__name__
+            if not (is_array(value) or is_lazy(value)) or len(value.shape) < 2:
+                got = tuple(value.shape) if is_array(value) or is_lazy(value) else type(value).__name__
                 raise ValueError(
                     f"{type(self).__name__}: data[{key!r}] must be a channel-first (C, *spatial) array with at least "
                     f"one spatial dim, got {got}."
@@ -302,12 +332,16 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
 def valid_region(img: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     """View (no copy) of channel-indexed ``img``'s voxels that are valid patch centres: ``P//2 ... S-1-(P-1)//2``.
 
-    Index ``i`` of the view on an axis is the patch corner ``i`` on that axis.
+    Index ``i`` of the view on an axis is the patch corner ``i`` on that axis. From an array-like (see
+    :func:`~monai_patchplug._shapes.is_lazy`) only that region is read, into a numpy array of its own.
     """
     slices = tuple(slice(p // 2, s - (p - 1) // 2) for p, s in zip(patch_size, img.shape[-len(patch_size) :]))
+    if is_lazy(img):  # an array-like: read that region only
+        leading = (slice(None),) * (len(img.shape) - len(patch_size))
+        return host_array(read_box(img, (*leading, *slices)))
     return img[(..., *slices)]
 
 
 def _entries_for_a_patch(entries: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
     """``entries`` for one patch: arrays shared (a full volume is not duplicated per patch), the rest deep-copied."""
-    return {k: v if is_array(v) else deepcopy(v) for k, v in entries.items()}
+    return {k: v if is_array(v) or is_lazy(v) else deepcopy(v) for k, v in entries.items()}

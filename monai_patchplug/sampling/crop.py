@@ -18,9 +18,9 @@ from monai.transforms import BorderPad
 from monai.transforms.croppad.functional import crop_func
 from monai.utils import TraceKeys
 
-from .._shapes import plain_tensor
+from .._shapes import plain_tensor, read_box
 
-__all__ = ["crop_box", "crop_source", "translated_affines", "uncrop"]
+__all__ = ["crop_box", "crop_source", "read_crop", "read_volume", "translated_affines", "uncrop"]
 
 
 def _box_slices(corner: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
@@ -133,6 +133,61 @@ def crop_box(
     meta = _copy_meta(img.meta, skip="affine")
     meta["affine"] = translated_affines(img.affine, np.asarray([corner]))[0] if affine is None else affine
     return _meta_tensor_like(img, patch, meta, [*img.applied_operations, info])
+
+
+def read_crop(
+    src: Any,
+    corner: Sequence[int],
+    size: Sequence[int],
+    transform_info: dict[str, Any],
+    affine: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Read the box at ``corner`` (extent ``size``) from a channel-first array-like and give it the metadata and crop
+    record that :func:`crop_box` gives the same image in memory.
+
+    Args:
+        src: an array-like of shape ``(C, *spatial)`` (see :func:`~monai_patchplug._shapes.is_lazy`); its ``meta``
+            dict (affine, file name, ...) and ``applied_operations``, when it has them (a
+            :class:`~monai_patchplug.LazyVolume`), are carried over; without them the patch gets what a plain tensor
+            gets (identity affine). Never modified.
+        corner, size: the box, one int per spatial dim (inside the image).
+        transform_info: the calling transform's ``get_transform_info()``, recorded for inversion.
+        affine: the patch's affine if the caller computed it, else computed here.
+
+    Returns:
+        The box, read from ``src`` (only it is read) into a tensor of its own: a MetaTensor with the crop recorded
+        while metadata is tracked, else a plain tensor. Allocates the box and a shallow copy of the meta dict.
+    """
+    patch = read_box(src, _box_slices(corner, size))
+    if not get_track_meta():
+        return patch
+    meta = getattr(src, "meta", None) or {}
+    out = MetaTensor(patch, meta=_copy_meta(meta, skip="affine"))
+    if affine is None:
+        base = torch.as_tensor(meta["affine"]) if "affine" in meta else out.affine
+        affine = translated_affines(base, np.asarray([corner]))[0]
+    out.meta["affine"] = affine
+    info = dict(transform_info)
+    info[TraceKeys.ORIG_SIZE] = tuple(int(s) for s in src.shape[1:])
+    info[TraceKeys.LAZY] = False
+    cropped = []
+    for c, s, o in zip(corner, size, src.shape[1:]):
+        cropped += [int(c), int(o) - int(c) - int(s)]
+    info[TraceKeys.EXTRA_INFO] = {"cropped": cropped}
+    out.applied_operations = [*getattr(src, "applied_operations", []), info]
+    return out
+
+
+def read_volume(src: Any) -> torch.Tensor:
+    """Read a channel-first array-like whole: a MetaTensor with its ``meta`` and ``applied_operations`` (if it has
+    them) while metadata is tracked, else a plain tensor. Allocates the whole volume (for padding, which needs it)."""
+    data = read_box(src, (slice(None),) * len(src.shape))
+    if not get_track_meta():
+        return data
+    meta = getattr(src, "meta", None) or {}
+    return MetaTensor(
+        data, meta=_copy_meta(meta, skip=""), applied_operations=list(getattr(src, "applied_operations", []))
+    )
 
 
 def _meta_tensor_like(source: MetaTensor, data: torch.Tensor, meta: dict, applied: list) -> MetaTensor:

@@ -16,7 +16,7 @@ from monai.transforms import SpatialCrop
 from monai.transforms.croppad.functional import pad_func
 from monai.utils import TraceKeys
 
-from .._shapes import TypeSpatialShape, resolve_patch_size
+from .._shapes import TypeSpatialShape, is_lazy, resolve_patch_size
 from .._shapes import spatial_shape as _spatial_shape
 from ..grid import (
     GridGeometry,
@@ -28,6 +28,7 @@ from ..grid import (
     resolve_overlap,
 )
 from .base import PatchSampler
+from .crop import read_volume
 
 __all__ = ["GridSampler"]
 
@@ -55,11 +56,15 @@ class GridSampler(PatchSampler):
     Raises:
         TypeError, ValueError: a bad ``patch_size``, ``patch_overlap`` or ``padding_mode``.
 
-    Example::
-
-        sampler = GridSampler(patch_size=64, patch_overlap=16)
-        for patch in sampler(subject):
-            ...
+    Example:
+        >>> import torch
+        >>> from monai_patchplug import LOCATION, GridSampler
+        >>> sampler = GridSampler(patch_size=4, patch_overlap=2)
+        >>> patches = sampler({"image": torch.rand(1, 6, 8), "id": "s01"})
+        >>> len(patches), sampler.num_patches, patches[0]["image"].shape
+        (6, 6, torch.Size([1, 4, 4]))
+        >>> [patch[LOCATION].tolist() for patch in patches]  # corners 0, 2 on axis 0 and 0, 2, 4 on axis 1
+        [[0, 0, 4, 4], [0, 2, 4, 6], [0, 4, 4, 8], [2, 0, 6, 4], [2, 2, 6, 6], [2, 4, 6, 8]]
     """
 
     def __init__(
@@ -133,7 +138,8 @@ class GridSampler(PatchSampler):
 
         Returns:
             The list of patch dicts in grid order (last axis fastest). Allocates the patches and, when padding, one
-            padded copy of each cropped key.
+            padded copy of each cropped key. From an array-like (see :func:`~monai_patchplug._shapes.is_lazy`) only
+            the patch boxes are read, but with ``padding_mode`` and a padded grid, which reads it whole once.
 
         Raises:
             KeyError: a requested key is missing.
@@ -149,7 +155,10 @@ class GridSampler(PatchSampler):
             check_pad_fits(mode, geometry)
             info = self.get_transform_info()
             for key in self._keys:
-                img = d[key] if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key])
+                img = d[key]
+                if is_lazy(img):  # padding needs the volume: an array-like is read whole, once
+                    img = read_volume(img)
+                img = img if isinstance(img, torch.Tensor) else torch.as_tensor(img)
                 d[key] = pad_func(img, geometry.pad_widths, info, mode, lazy=False, **kwargs)
         return self.crop_patches(d, self._keys, self._corners, self._size, self.lazy if lazy is None else lazy)
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._shapes import TypeSpatialShape, host_array, image_entries
+from .._shapes import TypeSpatialShape, host_array, image_entries, is_lazy
+from ..label_index import index_classes
 from .base import PatchSampler, valid_region
 from .monai_args import monai_num_samples, pick, size_and_fill
 from .weighted import draw_from_weights, no_mass_message, row_sums
@@ -113,6 +114,12 @@ class LabelSampler(PatchSampler):
     (``FgBgToIndicesd``, ``ClassesToIndicesd``), used instead of the label map and not copied to the patches.
     Unlike MONAI, centres are never clamped into the border: an index that is not a valid centre is skipped.
 
+    A label map that is an array-like (e.g. from :class:`~monai_patchplug.LoadLazyd`) has its valid-centre region read
+    once per call; one that carries a :class:`~monai_patchplug.LabelIndex` (``label_map.label_index``, attached by
+    ``LoadLazyd`` for cases prepared by :class:`~monai_patchplug.PatchStore`) is not read at all: foreground labels are
+    drawn from the index's runs clipped to the valid centres and background centres as uniform valid centres rejected
+    when the index holds them, which is the same law (single-channel maps, without ``image_key``).
+
     Args:
         patch_size: as :class:`~monai_patchplug.PatchSampler`.
         label_name: key of the label map. ``None``: the first image entry (see
@@ -145,6 +152,21 @@ class LabelSampler(PatchSampler):
 
     Warns:
         UserWarning: with ``pos``/``neg`` and ``warn=True``, when a wanted class has no valid centre (see ``warn``).
+
+    Example:
+        >>> import torch
+        >>> from monai_patchplug import LOCATION, LabelSampler
+        >>> label = torch.zeros(1, 12, 12, dtype=torch.uint8)
+        >>> label[0, 2:5, 6:9] = 1  # a small foreground blob
+        >>> sampler = LabelSampler(patch_size=4, label_name="label", label_probabilities={0: 1, 1: 3}, num_samples=4)
+        >>> patches = sampler.set_random_state(seed=0)({"image": torch.rand(1, 12, 12), "label": label})
+        >>> patches[0]["image"].shape, patches[0][LOCATION]
+        (torch.Size([1, 4, 4]), tensor([1, 4, 5, 8]))
+        >>> [int(patch["label"][0, 2, 2]) for patch in patches]  # the label at each patch's centre
+        [1, 1, 1, 1]
+        >>> sampler = LabelSampler(4, "label", {1: 1}, num_samples=20)  # label 1 only
+        >>> all(patch["label"][0, 2, 2] == 1 for patch in sampler({"image": torch.rand(1, 12, 12), "label": label}))
+        True
     """
 
     def __init__(
@@ -270,10 +292,9 @@ class LabelSampler(PatchSampler):
         given, else everywhere); ``None`` without ``image_key``."""
         if self.image_key is None:
             return None
-        image = host_array(data[self.image_key])
-        if patch_size is not None:
-            image = valid_region(image, patch_size)
-        return (image > self.image_threshold).any(0)
+        image = data[self.image_key]
+        image = valid_region(image, patch_size) if patch_size is not None else host_array(image)
+        return (host_array(image) > self.image_threshold).any(0)
 
     def _restrict(self, name: Any, mask: np.ndarray, inside: np.ndarray | None) -> np.ndarray:
         """``mask`` limited to ``inside`` where MONAI's index maps do it: every class but the foreground (with pos/neg:
@@ -284,7 +305,7 @@ class LabelSampler(PatchSampler):
 
     def _candidates(
         self, data: Mapping[Hashable, Any], spatial_shape: tuple[int, ...], patch_size: tuple[int, ...]
-    ) -> list[_Candidate]:
+    ) -> list[Any]:
         """The classes to draw from, each restricted to valid centres (and to the image threshold, if asked)."""
         lists = self._index_lists(data)
         if lists is not None:
@@ -292,8 +313,11 @@ class LabelSampler(PatchSampler):
                 _Candidate(name, p, corners=_valid_corners(idx, spatial_shape, patch_size, source))
                 for name, p, source, idx in lists
             ]
+        indexed = self._indexed_classes(data, spatial_shape, patch_size)
+        if indexed is not None:
+            return indexed
         key = self.map_key(data)
-        full = host_array(data[key])
+        full = data[key] if is_lazy(data[key]) else host_array(data[key])  # an array-like: valid region read below
         self._check_channels(full, key)
         if self.image_key is not None:
             image_shape = tuple(int(v) for v in data[self.image_key].shape[1:])
@@ -307,6 +331,18 @@ class LabelSampler(PatchSampler):
             _Candidate(name, p, mask=self._restrict(name, mask, inside))
             for name, p, mask in self._classes(valid_region(full, patch_size))
         ]
+
+    def _indexed_classes(
+        self, data: Mapping[Hashable, Any], spatial_shape: tuple[int, ...], patch_size: tuple[int, ...]
+    ) -> list[Any] | None:
+        """The classes from the label map's persistent :class:`~monai_patchplug.label_index.LabelIndex` (a lazy
+        single-channel map opened with one, e.g. by :class:`~monai_patchplug.LoadLazyd`), so no voxel of the map is
+        read; ``None`` when there is no index or ``image_key`` is set (the threshold needs the image)."""
+        label_map = data.get(self.map_key(data))
+        index = getattr(label_map, "label_index", None) if is_lazy(label_map) else None
+        if index is None or self.image_key is not None or label_map.shape[0] != 1:
+            return None
+        return index_classes(index, self.label_probabilities, self.pos_neg, spatial_shape, patch_size)
 
     def _index_lists(self, data: Mapping[Hashable, Any]) -> list[tuple[Any, float, str, Any]] | None:
         """MONAI's precomputed ``(name, probability, where from, flat indices)`` when the data holds them, else

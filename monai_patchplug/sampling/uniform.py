@@ -33,9 +33,16 @@ class UniformSampler(PatchSampler):
         ValueError: ``random_size=True``, or both ``patch_size`` and ``roi_size`` giving different sizes (``8`` and
             ``(8, 8, 8)`` are one size).
 
-    Example::
-
-        patch = UniformSampler(patch_size=64)({"t1": t1, "seg": seg})   # patch["t1"].shape == (1, 64, 64, 64)
+    Example:
+        >>> import torch
+        >>> from monai_patchplug import LOCATION, UniformSampler
+        >>> subject = {"t1": torch.rand(1, 10, 10, 10), "seg": torch.zeros(1, 10, 10, 10), "id": "s01"}
+        >>> patch = UniformSampler(patch_size=4)(subject)  # one patch dict
+        >>> patch["t1"].shape, patch["seg"].shape, patch["id"]
+        (torch.Size([1, 4, 4, 4]), torch.Size([1, 4, 4, 4]), 's01')
+        >>> sampler = UniformSampler(patch_size=4, num_samples=2).set_random_state(seed=0)
+        >>> [patch[LOCATION] for patch in sampler(subject)]  # a list of 2; [i0, j0, k0, i1, j1, k1] each
+        [tensor([4, 5, 0, 8, 9, 4]), tensor([3, 3, 3, 7, 7, 7])]
     """
 
     def __init__(

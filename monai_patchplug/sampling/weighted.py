@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .._shapes import TypeSpatialShape, host_array
+from .._shapes import TypeSpatialShape, host_array, is_lazy, read_box
 from .base import PatchSampler, valid_region
 from .monai_args import monai_num_samples, pick, size_and_fill
 
@@ -184,6 +184,16 @@ class WeightedSampler(PatchSampler):
             NaN or infinite values, whose channel 0 is all zero, or whose mass lies only outside the valid centres
             (the message then says how much padding makes every voxel a valid centre).
         KeyError: at call time, if the map key is missing.
+
+    Example:
+        >>> import torch
+        >>> from monai_patchplug import LOCATION, WeightedSampler
+        >>> prob = torch.zeros(1, 9, 9)
+        >>> prob[0, 4, 6] = 1.0  # all the mass on one voxel: every patch is centred on it
+        >>> sampler = WeightedSampler(patch_size=3, probability_map="prob").set_random_state(seed=0)
+        >>> patch = sampler({"image": torch.rand(1, 9, 9), "prob": prob})
+        >>> patch["image"].shape, patch[LOCATION]
+        (torch.Size([1, 3, 3]), tensor([3, 5, 6, 8]))
     """
 
     def __init__(
@@ -219,13 +229,17 @@ class WeightedSampler(PatchSampler):
         """Corners of ``n`` centres drawn from channel 0 of the map.
 
         Allocates what :func:`draw_from_weights` does: the row sums and ``n`` rows, not a volume (but for float64
-        maps whose values are near float64's maximum, see there).
+        maps whose values are near float64's maximum, see there). A map that is an array-like (see
+        :func:`~monai_patchplug._shapes.is_lazy`) has its channel 0 read whole into memory: the draw needs it.
 
         Raises:
             TypeError: a complex map.
             ValueError: negative, NaN or infinite values; no mass in channel 0; mass only outside the valid centres.
         """
-        weights = host_array(data[self.probability_map])[0]
+        prob = data[self.probability_map]
+        if is_lazy(prob):  # an array-like: channel 0 is read whole (the draw needs every value)
+            prob = read_box(prob, (slice(0, 1),) + (slice(None),) * (len(prob.shape) - 1))
+        weights = host_array(prob)[0]
         peak = _check_weights(weights, self.probability_map)
         if peak == 0:
             raise ValueError(self._zero_message(data[self.probability_map]))
