@@ -114,7 +114,7 @@ def streaming_table(size: int, patch: int, overlap: int, batch: int, fresh: bool
         r = results[row]
         ratio = f"{r['peak'] / monai_row['peak']:.2f}" if row != ROWS[2] else ""
         run_ratio = f"{r['run'] / monai_row['run']:.2f}" if row != ROWS[2] else ""
-        print(f"| {row} | {r['seconds']:.1f} | {r['peak']:.0f} | {ratio} | {r['run']:.0f} | {run_ratio} |")
+        print(f"| {row} | {r['seconds']:.3f} | {r['peak']:.0f} | {ratio} | {r['run']:.0f} | {run_ratio} |")
     same = results[ROWS[0]]["sum"] == results[ROWS[1]]["sum"]
     print(f"\nstreamed labels equal the in-memory argmax (label sums): {same}")
 
