@@ -2,11 +2,12 @@
 
 A ``1x1x1024x1024x512`` float32 input (2 GiB) on disk, as a ``numpy.memmap`` and as a zarr store; 64^3 patches,
 overlap 16, hann, batch 4; a 1-channel identity network (``--net conv`` for a small conv net); the output streamed
-to a zarr store. Every row runs in a fresh subprocess, which prints its wall time, its peak resident memory
-(``ru_maxrss``, less the interpreter's baseline measured before the run) and the bytes it read from the input (the
-input is wrapped in a counting array-like). Rows:
+to a zarr store. Every row runs in a fresh subprocess, which prints its wall time, its peak resident memory above
+what it held just before the run (``VmHWM`` after a reset, glibc mapping every large buffer on its own) and the
+bytes it read from the input (the input is wrapped in a counting array-like). Rows:
 
-- GridInferer, memmap input and zarr input, output to zarr (lazy in, lazy out);
+- GridInferer, memmap input with the output in memory (the cost of reading lazily), memmap and zarr inputs with
+  the output to zarr (lazy in, lazy out: the output store's compression included);
 - the same volume in memory (loaded before the timer) through GridInferer and MONAI's SlidingWindowInferer
   (``overlap=0.25`` lays the same grid; gaussian), output in memory;
 - parts: the job as 1, 2 and 4 parts, each part its own process with one torch thread, run at the same time
@@ -25,9 +26,10 @@ Run from the repository root (needs ``pip install -e ".[outofcore]"``)::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -75,23 +77,49 @@ def make_input(folder: str, shape: tuple[int, ...]) -> None:
 
 
 def output_store(folder: str, name: str, shape: tuple[int, ...]) -> zarr.Array:
-    return zarr.open(f"{folder}/{name}.zarr", mode="w", shape=(1, 1, *shape), chunks=(1, 1, PATCH, 256, 256),
+    """A zarr output whose chunks hold 16 rows: the slabs written (cut where rows of patches begin and end, every
+    16 rows here) then fill whole chunks, and no chunk is read back to be rewritten."""
+    return zarr.open(f"{folder}/{name}.zarr", mode="w", shape=(1, 1, *shape), chunks=(1, 1, 16, 256, 256),
                      dtype="f4")  # fmt: skip
+
+
+def reset_peak() -> int:
+    """Hand freed memory back (glibc), reset the peak resident size (``VmHWM``); the resident size now, in KiB."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS")
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def child(which: str, folder: str, net: str, part: str) -> dict:
     """One row, in this (fresh) process."""
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = network(net)
     shape = tuple(np.load(f"{folder}/x.npy", mmap_mode="r").shape[2:])
     result: dict = {}
     with torch.no_grad():
-        if which in ("memmap", "zarr", "part"):
+        if which in ("memmap", "memmap-memory", "zarr", "part"):
             source = np.load(f"{folder}/x.npy", mmap_mode="r") if which != "zarr" else zarr.open(f"{folder}/x.zarr")
             counted = Counting(source)
             k, n = (int(v) for v in part.split("/")) if which == "part" else (0, 1)
             torch.set_num_threads(1) if which == "part" else None
-            out = zarr.open(f"{folder}/out.zarr", mode="r+") if which == "part" else output_store(folder, which, shape)
+            if which == "memmap-memory":
+                out = torch.empty((1, 1, *shape))
+            else:
+                out = (
+                    zarr.open(f"{folder}/out.zarr", mode="r+")
+                    if which == "part"
+                    else output_store(folder, which, shape)
+                )
+            baseline = reset_peak()
             start = time.perf_counter()
             kwargs = {"part": (k, n)} if which == "part" else {}
             mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH, output=out, **kwargs)(counted, model)
@@ -99,7 +127,7 @@ def child(which: str, folder: str, net: str, part: str) -> dict:
             result["read"] = counted.bytes
         else:
             image = torch.from_numpy(np.load(f"{folder}/x.npy"))
-            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the input is in memory already
+            baseline = reset_peak()  # the input is in memory already
             start = time.perf_counter()
             if which == "memory":
                 mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH)(image, model)
@@ -108,13 +136,14 @@ def child(which: str, folder: str, net: str, part: str) -> dict:
 
                 SlidingWindowInferer(PATCH, BATCH, OVERLAP / PATCH, mode="gaussian")(image, model)
             result["seconds"] = time.perf_counter() - start
-    result["peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
+    result["peak_mib"] = (status_kib("VmHWM") - baseline) / 1024
     return result
 
 
 def spawn(which: str, folder: str, net: str, part: str = "0/1") -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child", which, folder, net, part]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every large buffer its own mapping: RSS = live memory
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def collect(process: subprocess.Popen) -> dict:
@@ -149,6 +178,7 @@ def main() -> int:
         print("|---|---|---|---|---|")
         rows = {}
         runs = {
+            "memmap-memory": "GridInferer, memmap in, output in memory",
             "memmap": "GridInferer, memmap in, zarr out",
             "zarr": "GridInferer, zarr in, zarr out",
             "memory": "GridInferer, in memory",
@@ -157,10 +187,10 @@ def main() -> int:
         for which, label in runs.items():
             rows[which] = r = collect(spawn(which, folder, args.net))
             read = f"{r['read'] / (gib * 2**30):.3f}" if "read" in r else ""
-            print(f"| {label} | {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['peak_mib'] / floor:.2f} | {read} |")
+            print(f"| {label} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / floor:.2f} | {read} |")
         print()
-        ratio = rows["memmap"]["seconds"] / rows["memory"]["seconds"]
-        print(f"lazy (memmap) / in-memory GridInferer wall time: {ratio:.2f}")
+        ratio = rows["memmap-memory"]["seconds"] / rows["memory"]["seconds"]
+        print(f"lazy input (memmap, output in memory) / in-memory GridInferer wall time: {ratio:.2f}")
         print()
         print(f"# parts: each part a process with one torch thread, {args.cores} at once, into one zarr store "
               "(memmap input); wall time of the whole job")  # fmt: skip

@@ -23,6 +23,11 @@ from monai_patchplug.inference.sinks import SlabSink
 MODES = ["crop", "average", "hann"]
 
 
+def lopsided(x: torch.Tensor) -> torch.Tensor:
+    """Not flip-equivariant (a cumulative sum along the last axis), so mirroring changes its blend."""
+    return torch.cat([x, x.cumsum(-1)], 1)
+
+
 def pointwise(x: torch.Tensor) -> torch.Tensor:
     """Bit-reproducible on any memory layout; 3 channels."""
     return torch.cat([x * x, x * 3 - 1, -x], 1)
@@ -325,6 +330,7 @@ def _rank_main(rank: int, world: int, init: str, folder: str) -> None:
     mpp.GridInferer(8, 2, "hann", batch_size=3, distributed=True, output=out)(x, pointwise)
     out.flush()
     results["labels"] = mpp.GridInferer(8, 2, "hann", distributed=True, postprocess=argmax_u8)(x, pointwise)
+    results["mirrored"] = mpp.GridInferer(8, 2, "hann", distributed=True, mirror_axes=(0, 2))(x, lopsided)
     try:
         y = torch.zeros(1, 1, 20 + rank, 18, 16)
         mpp.GridInferer(8, 2, distributed=True)(y, pointwise)
@@ -353,8 +359,11 @@ def test_sharded_inference_over_two_gloo_processes_equals_one_process(tmp_path):
         assert "disagree on the input's shape" in got["error"] and "[1, 1, 21, 18, 16" in got["error"]
     torch.testing.assert_close(torch.load(tmp_path / "1.pt")["dst"], single["hann"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), single["hann"], rtol=1e-6, atol=1e-6)
+    mirrored = mpp.GridInferer(8, 2, "hann", mirror_axes=(0, 2))(x, lopsided)
     for rank in range(2):
-        assert torch.equal(torch.load(tmp_path / f"{rank}.pt")["labels"], single["hann"].argmax(1, keepdim=True).byte())
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(got["labels"], single["hann"].argmax(1, keepdim=True).byte())
+        torch.testing.assert_close(got["mirrored"], mirrored, rtol=1e-6, atol=1e-6)
 
 
 def test_sharding_without_a_process_group_is_a_clear_error():

@@ -224,3 +224,23 @@ def test_networks_on_several_devices_give_the_same_average():
     got = inferer(x, [lopsided, shifted])
     expected = mpp.GridInferer(6, 2, "hann")(x, mirrored_reference([lopsided, shifted], [1.0, 1.0], (0,)))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_supervised_evaluator_runs_the_mirrored_half_precision_inferer():
+    pytest.importorskip("ignite")
+    from monai.engines import SupervisedEvaluator
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    data = [{"image": torch.randn(1, 12, 12, 12), "label": torch.zeros(1, 12, 12, 12)}]
+    inferer = mpp.GridInferer(8, 4, mirror_axes=(0, 1, 2), accumulate_dtype=torch.float16)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=torch.utils.data.DataLoader(data, batch_size=1),
+        network=net,
+        inferer=inferer,
+    )
+    evaluator.run()
+    with torch.no_grad():
+        expected = mpp.GridInferer(8, 4)(data[0]["image"][None], mirrored_reference([net], [1.0], (0, 1, 2)))
+    torch.testing.assert_close(evaluator.state.output[0]["pred"], expected[0], rtol=1e-3, atol=1e-3)
