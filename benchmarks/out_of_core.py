@@ -26,8 +26,6 @@ Run from the repository root (needs ``pip install -e ".[outofcore]"``)::
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import shutil
@@ -39,6 +37,7 @@ import time
 import numpy as np
 import torch
 import zarr
+from inference import _release_and_reset_peak, _status_kib
 
 import monai_patchplug as mpp
 
@@ -83,21 +82,10 @@ def output_store(folder: str, name: str, shape: tuple[int, ...]) -> zarr.Array:
                      dtype="f4")  # fmt: skip
 
 
-def reset_peak() -> int:
-    """Hand freed memory back (glibc), reset the peak resident size (``VmHWM``); the resident size now, in KiB."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status_kib("VmRSS")
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def _reset() -> int:
+    """Hand freed memory back, reset the peak resident size; the resident size now, in KiB."""
+    _release_and_reset_peak()
+    return _status_kib("VmRSS")
 
 
 def child(which: str, folder: str, net: str, part: str) -> dict:
@@ -119,7 +107,7 @@ def child(which: str, folder: str, net: str, part: str) -> dict:
                     if which == "part"
                     else output_store(folder, which, shape)
                 )
-            baseline = reset_peak()
+            baseline = _reset()
             start = time.perf_counter()
             kwargs = {"part": (k, n)} if which == "part" else {}
             mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH, output=out, **kwargs)(counted, model)
@@ -127,7 +115,7 @@ def child(which: str, folder: str, net: str, part: str) -> dict:
             result["read"] = counted.bytes
         else:
             image = torch.from_numpy(np.load(f"{folder}/x.npy"))
-            baseline = reset_peak()  # the input is in memory already
+            baseline = _reset()  # the input is in memory already
             start = time.perf_counter()
             if which == "memory":
                 mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH)(image, model)
@@ -136,7 +124,7 @@ def child(which: str, folder: str, net: str, part: str) -> dict:
 
                 SlidingWindowInferer(PATCH, BATCH, OVERLAP / PATCH, mode="gaussian")(image, model)
             result["seconds"] = time.perf_counter() - start
-    result["peak_mib"] = (status_kib("VmHWM") - baseline) / 1024
+    result["peak_mib"] = (_status_kib("VmHWM") - baseline) / 1024
     return result
 
 
