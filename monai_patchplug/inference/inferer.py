@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.utils import optional_import
 
 from .._shapes import TypeSpatialShape, fill_patch_size, resolve_patch_size
 from ..grid import GridGeometry, TypePaddingMode, make_grid, resolve_overlap
@@ -37,8 +36,6 @@ from .options import (
 from .parts import Markers, check_part, part_rows, remaining_rows
 from .roi import run_mask
 from .sinks import PatchSink, allocate_destination, check_destination, open_sink
-
-tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = ["GridInferer"]
 
@@ -104,6 +101,15 @@ class _Output:
     sinks: list[PatchSink]
     #: the ``(B, C', *spatial_out)`` result: the in-memory accumulator, or the streamed destination
     volume: Any
+
+
+def _progress_bar(batches: _Batches) -> Any:
+    """``batches`` behind a tqdm progress bar, or as they are when tqdm is not installed (an optional extra)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return batches
+    return tqdm(batches, total=len(batches), desc=WHO)
 
 
 def _has_forward_hooks(networks: Sequence[Any]) -> bool:
@@ -446,8 +452,8 @@ class GridInferer(Inferer):
         networks, run = self._networks(network, job, args)
         batches = _Batches(job, self.batch_size, networks)
         steps: Any = batches
-        if self.progress and has_tqdm:
-            steps = tqdm(batches, total=len(batches), desc=WHO)
+        if self.progress:
+            steps = _progress_bar(batches)
         opened: list[_Output] = []
         rebuild: Callable[[list[Any]], Any] = list
         if job.by_rows:
