@@ -252,3 +252,14 @@ def get_batch_images_and_size(batch: Mapping[Hashable, Any]) -> tuple[list[Hasha
     if len(set(sizes.values())) != 1:
         raise ValueError(f"images in the batch disagree on the batch size: {sizes!r}.")
     return names, sizes[names[0]]
+
+
+def torch_dtype(dtype: Any) -> torch.dtype:
+    """The torch dtype of a numpy (or torch) dtype (allocates nothing but an empty array).
+
+    Raises:
+        TypeError: a dtype numpy or torch does not know.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype

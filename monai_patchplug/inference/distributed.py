@@ -104,7 +104,7 @@ def gather_rows(rows: torch.Tensor, n_rows: int, group: Any, dst: int | None) ->
         RuntimeError: the collective failed or timed out.
     """
     world = dist.get_world_size(group)
-    sizes = [share(n_rows, k, world).stop - share(n_rows, k, world).start for k in range(world)]
+    sizes = [len(range(n_rows)[share(n_rows, k, world)]) for k in range(world)]
     device = collective_device(group)
     padded = torch.zeros((*rows.shape[:2], max(sizes), *rows.shape[3:]), dtype=rows.dtype, device=device)
     padded[:, :, : rows.shape[2]] = rows

@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms.croppad.functional import pad_nd
 
-from .._shapes import is_lazy
+from .._shapes import is_lazy, torch_dtype
 from ..grid import GridGeometry, check_pad_fits, pad_batch
 
 __all__ = ["LazyBatch", "LazySource", "TensorSource", "is_lazy", "lazy_batch", "open_source"]
@@ -80,7 +80,7 @@ class LazySource:
             if self.mode == "constant"
             else np.pad(rows, (before, after), mode=self.mode)
         )
-        self.dtype, self.device, self.requires_grad = _torch_dtype(array.dtype), torch.device("cpu"), False
+        self.dtype, self.device, self.requires_grad = torch_dtype(array.dtype), torch.device("cpu"), False
         self.bytes_read = 0
         self._item, self._lo, self._slab = -1, 0, None
 
@@ -122,13 +122,6 @@ class LazySource:
         if not inside.all():
             rows[:, torch.from_numpy(~inside)] = float(self.pad_kwargs.get("value", 0.0))
         return rows
-
-
-def _torch_dtype(dtype: Any) -> torch.dtype:
-    """The torch dtype of a numpy (or torch) dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
 
 
 def open_source(inputs: Any, geometry: GridGeometry, pad: tuple[str, dict] | None, who: str) -> Any:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._shapes import torch_dtype
 from .blend import BlendPlan, zeros_volume
 from .distributed import check_same_on_ranks, reduce_sum_
 
@@ -165,11 +166,8 @@ def check_destination(output: Any, leading: Sequence[int], ndim: int, who: str) 
 
 def destination_dtype(output: Any) -> torch.dtype | None:
     """The torch dtype matching the destination's ``dtype`` (``None`` when it has none torch knows)."""
-    dtype = getattr(output, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
     try:
-        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+        return torch_dtype(getattr(output, "dtype", None))
     except (TypeError, ValueError):
         return None
 
@@ -350,7 +348,7 @@ class SlabSink:
     def _check_values(self, values: Any, rows: int) -> torch.dtype:
         """Raise if a postprocessed slab does not fit the destination; returns its torch dtype."""
         if isinstance(values, np.ndarray):
-            dtype = torch.from_numpy(np.empty(0, dtype=values.dtype)).dtype
+            dtype = torch_dtype(values.dtype)
         elif isinstance(values, torch.Tensor):
             dtype = values.dtype
         else:
