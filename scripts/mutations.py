@@ -36,7 +36,6 @@ LABEL = ("monai_patchplug/sampling/label.py",)
 BASE = ("monai_patchplug/sampling/base.py",)
 GRID = ("monai_patchplug/grid.py", "monai_patchplug/sampling/grid.py")
 WINDOWS = ("monai_patchplug/inference/windows.py",)
-WEIGHTS = ("monai_patchplug/inference/patch_weights.py",)
 BLEND = ("monai_patchplug/inference/blend.py",)
 
 SAMPLING_TESTS = ("tests/test_label.py", "tests/test_weighted.py", "tests/test_uniform.py", "tests/test_monai_args.py")
@@ -285,26 +284,33 @@ MUTANTS = [
         equivalent="average mode divides by the sum of the same weights, and scaling by a power of two is exact in "
         "floating point, so the blend is bit-identical",
     ),
-    # -- the patch weights built from the normalised vectors, and the half-precision path -------------------------
+    # -- the separable normalisation, and the half-precision path -----------------------------------------------
     Mutant(
-        "weights: the outer product drops the last axis' vector",
-        WEIGHTS,
-        "np.multiply(plane[..., None], arrays[-1], out=out.numpy())",
-        "np.multiply(plane[..., None], 1.0, out=out.numpy())",
-        BLEND_TESTS,
-    ),
-    Mutant(
-        "weights: the outer product uses the first vector twice",
-        WEIGHTS,
-        "            plane = np.multiply.outer(plane, a)",
-        "            plane = np.multiply.outer(plane, arrays[0])",
-        BLEND_TESTS,
-    ),
-    Mutant(
-        "blend: half-precision accumulators add half-precision patches",
+        "blend: the normaliser of the other axes leaves out the last axis",
         BLEND,
-        "self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype",
-        "self.compute_dtype = dtype",
+        "self.inv_rows, self.inv_plane = inv[0], outer_window(inv[1:]) if len(inv) > 1 else None",
+        "self.inv_rows, self.inv_plane = inv[0], outer_window(inv[1:-1] or inv[1:]) if len(inv) > 1 else None",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "blend: the normalisation's factors of a chunk start at the slab's first row",
+        BLEND,
+        "torch.mul(inv_rows[a:b].view(shape), plane, out=factor[: b - a])",
+        "torch.mul(inv_rows[: b - a].view(shape), plane, out=factor[: b - a])",
+        BLEND_TESTS,
+    ),
+    Mutant(
+        "blend: a slab is normalised with the volume's first rows",
+        BLEND,
+        "inv_rows = self.inv_rows[base : base + rows].to(out.dtype)",
+        "inv_rows = self.inv_rows[:rows].to(out.dtype)",
+        BLEND_TESTS + ("tests/test_scale_out.py",),
+    ),
+    Mutant(
+        "inferer: half-precision volumes are blended in half precision",
+        ("monai_patchplug/inference/inferer.py",),
+        'dtype = held if held.itemsize >= 4 or self.overlap_mode == "crop" else torch.float32',
+        "dtype = held",
         ("tests/test_tta.py",),
     ),
 ]

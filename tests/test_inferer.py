@@ -16,7 +16,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.networks.nets import UNet
 
 import monai_patchplug as mpp
-from monai_patchplug.inference import patch_weights
+from monai_patchplug.inference import blend
 
 MODES = ["crop", "average", "hann"]
 
@@ -69,10 +69,9 @@ def test_pointwise_network_reconstructs_the_input(case, mode):
     ],
 )
 @torch.no_grad()
-def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(mode, network, monkeypatch):
+def test_outputs_that_alias_the_input_batch_are_blended_as_returned(mode, network):
     """An output that shares the input batch's memory (returned as is, changed in place, a view of it, or a view
-    made through numpy or DLPack) is blended as it was returned, whatever the size of the weight store."""
-    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
+    made through numpy or DLPack) is blended as it was returned, before the buffer is refilled."""
     x = torch.randn(2, 2, 19, 17, 13)
     expected = network(x.clone())
     out = mpp.GridInferer((8, 7, 6), (3, 2, 3), mode, batch_size=3)(x, network)
@@ -85,10 +84,9 @@ def test_outputs_that_alias_the_input_batch_are_not_overwritten_by_the_weights(m
 @pytest.mark.parametrize("mode", ["average", "hann"])
 @pytest.mark.parametrize("through", [lambda a: torch.from_numpy(a.numpy()), torch.from_dlpack])
 @torch.no_grad()
-def test_a_view_that_starts_inside_the_input_batch_is_not_overwritten_by_the_weights(mode, through, monkeypatch):
+def test_a_view_that_starts_inside_the_input_batch_is_blended_before_the_buffer_is_refilled(mode, through):
     """The centre of each patch, seen through numpy or DLPack: a storage of its own that starts inside the batch's
     buffer, which the next batch refills only after this one was blended."""
-    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
     x = torch.randn(1, 1, 20, 16, 16)
     inferer = mpp.GridInferer(8, 4, mode, batch_size=3)
     view = inferer(x, lambda p: through(p[:, :, 1:-1, 1:-1, 1:-1]))
@@ -97,22 +95,21 @@ def test_a_view_that_starts_inside_the_input_batch_is_not_overwritten_by_the_wei
 
 @pytest.mark.parametrize("mode", ["average", "hann"])
 @torch.no_grad()
-def test_weights_built_in_the_input_batch_are_rebuilt_for_every_batch(mode, monkeypatch):
-    """A store that holds few weights is emptied and refilled often; runs of patches with one weight cross batch
-    boundaries (4 positions along the last axis, batches of 3), so a weight kept from an emptied store would be
-    read for the new patches."""
+def test_runs_of_patches_with_equal_weights_across_batch_boundaries_blend_exactly(mode):
+    """Runs of patches with one weight cross batch boundaries (4 positions along the last axis, batches of 3): a
+    reused inferer gives a fresh one's result bit for bit, and the blend of a pointwise network is the network."""
     x = torch.randn(1, 1, 13, 16, 14)
-    expected = mpp.GridInferer((5, 6, 4), (2, 2, 1), mode, batch_size=3)(x, pointwise)
-    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", 64)
+    inferer = mpp.GridInferer((5, 6, 4), (2, 2, 1), mode, batch_size=3)
+    expected = inferer(x, pointwise)
     out = mpp.GridInferer((5, 6, 4), (2, 2, 1), mode, batch_size=3)(x, pointwise)
-    assert torch.equal(out, expected)
+    assert torch.equal(out, expected) and torch.equal(inferer(x, pointwise), expected)
     torch.testing.assert_close(out, pointwise(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["average", "hann", "gaussian"])
 def test_an_inferer_reused_across_shapes_and_outputs_gives_what_a_fresh_one_gives(mode):
-    """Blend plans, and the weights they built, are kept between calls: interleaved shapes and two outputs of two
-    dtypes must give exactly a fresh inferer's result; 40^3 patches take several weight stores' worth."""
+    """Blend plans are kept between calls: interleaved shapes and two outputs of two dtypes must give exactly a fresh
+    inferer's result."""
     inferer = mpp.GridInferer(40, (15, 12, 9), mode, batch_size=3)
 
     def net(x):
@@ -126,14 +123,11 @@ def test_an_inferer_reused_across_shapes_and_outputs_gives_what_a_fresh_one_give
 
 
 @pytest.mark.parametrize("mode", [*MODES, "gaussian"])
-@pytest.mark.parametrize("store", [1 << 18, 64])
 @pytest.mark.parametrize("input_grad", [False, True])
-def test_gradients_reach_the_network_and_the_input(mode, store, input_grad, monkeypatch):
-    """As through MONAI's inferer. Autograd keeps each batch (the conv's input) and each patch weight it multiplied,
-    so neither may be overwritten by a later batch or weight (the batch buffer and the weight store are reused in
-    place without autograd). A 1x1x1 conv is pointwise, so the result is ``a * x + b`` and the gradients of its sum
-    are known; the second store size makes the store empty and refill between batches."""
-    monkeypatch.setattr(patch_weights, "_STORE_ELEMENTS", store)
+def test_gradients_reach_the_network_and_the_input(mode, input_grad):
+    """As through MONAI's inferer. Autograd keeps each batch (the conv's input), so it may not be overwritten by a
+    later batch (the batch buffer is reused in place without autograd), and the in-place normalisation must keep the
+    graph. A 1x1x1 conv is pointwise, so the result is ``a * x + b`` and the gradients of its sum are known."""
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 1, 1)
     x = torch.randn(1, 1, 19, 17, 13, requires_grad=input_grad)
@@ -307,3 +301,15 @@ def test_bad_arguments_and_outputs_are_clear_errors():
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: "no")
     with pytest.raises(TypeError, match=r"tuple \(empty\)"):
         inferer(torch.zeros(1, 1, 8, 8, 8), lambda p: ())
+
+
+@pytest.mark.parametrize("mode", ["average", "hann"])
+@pytest.mark.parametrize("chunk", [1, 40, 1 << 18])
+def test_normalising_a_few_rows_at_a_time_is_normalising_at_once(mode, chunk, monkeypatch):
+    """The separable normalisation builds its factors a few rows at a time: chunks of one row, of a few rows and of
+    the whole volume give one result, the blend of a pointwise network (slabs too: ``postprocess`` streams)."""
+    monkeypatch.setattr(blend, "_NORMALISE_CHUNK", chunk)
+    x = torch.randn(2, 1, 13, 9, 8)
+    for kwargs in ({}, {"postprocess": lambda s: s}):
+        out = mpp.GridInferer((5, 4, 4), (2, 1, 2), mode, batch_size=5, **kwargs)(x, pointwise)
+        torch.testing.assert_close(out, pointwise(x), rtol=1e-5, atol=1e-5)

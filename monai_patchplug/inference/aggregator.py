@@ -262,7 +262,7 @@ class GridAggregator:
             inside = torch.as_tensor(run[tuple(index.T.numpy())])
             index, batch = index[inside], batch[inside]
         if len(index):
-            batch = batch.detach().to(device=self._plan.device, dtype=self._plan.compute_dtype)
+            batch = batch.detach().to(device=self._plan.device, dtype=self._plan.dtype)
             self._sink.add(batch, index.tolist())
 
     def patches_to_run(self, patches: Sequence[Mapping[Hashable, Any]]) -> list[Mapping[Hashable, Any]]:

@@ -14,13 +14,15 @@ import numpy as np
 import torch
 
 from ..grid import GridGeometry, crop_boundaries
-from .patch_weights import PatchWeights
-from .windows import WINDOWS, axis_windows, outer_window
+from .windows import WINDOWS, axis_windows, grid_normaliser, outer_window
 
 __all__ = ["BlendPlan", "OVERLAP_MODES", "accumulator_dtype", "check_overlap_mode", "zeros_volume"]
 
 #: The overlap modes: ``crop`` (each voxel from the patch whose centre is nearest), and the blending modes.
 OVERLAP_MODES = ("crop", *WINDOWS)
+
+#: the most elements of the per-row factors :meth:`BlendPlan.normalise_` builds at a time (1 MiB of float32)
+_NORMALISE_CHUNK = 1 << 18
 
 
 def zeros_volume(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
@@ -50,7 +52,7 @@ def accumulator_dtype(overlap_mode: str, dtype: torch.dtype) -> torch.dtype:
 
     ``crop`` copies values and keeps ``dtype``. The blending modes accumulate weighted sums: in float64 for float64
     and for integers wider than 16 bits (float32 would round them), else in float32 (never in half precision or an
-    integer type, which would overflow or round).
+    integer type, which would overflow or round at every add).
     """
     if overlap_mode == "crop":
         return dtype
@@ -69,18 +71,19 @@ class BlendPlan:
     at ``c + m``, in a volume of the input's shape.
 
     ``average`` and ``hann`` are separable: the summed weights at a voxel are the product of per-axis sums, so each
-    patch's weight is divided by them up front, one 1-D window per axis and grid position (``w_j / N`` over the
-    patch's span). The accumulator then holds the normalised result as soon as every patch was added: no weight or
-    count volume, and no pass over the output at the end. ``gaussian`` (MONAI's importance map, floored as a whole)
-    is not separable and keeps one single-channel volume of summed weights, divided out by :meth:`normalise_`.
+    patch is added times one raw window shared by every patch (``average``: no multiply at all), and
+    :meth:`normalise_` multiplies the finished accumulator by the outer product of per-axis reciprocal sums, a
+    few rows at a time: no weight or count volume, and no weight built per patch (on grids of a few patches per
+    axis almost every patch's normalised weight is its own, so building them cost more than the pass).
+    ``gaussian`` (MONAI's importance map, floored as a whole) is not separable and keeps one single-channel volume
+    of summed weights, divided out by :meth:`normalise_`.
 
     Args:
         geometry: the grid.
         overlap_mode: one of :data:`OVERLAP_MODES`.
         out_patch: spatial shape of one output patch.
         device: where the windows and normalisers live (the accumulator's device).
-        dtype: the accumulator's dtype (:func:`accumulator_dtype`, or a caller's half-precision choice); the patches
-            and weights are added in :attr:`compute_dtype`.
+        dtype: the accumulator's dtype (:func:`accumulator_dtype`); patches are added in it.
         sigma_scale: the ``gaussian`` window's standard deviation as a fraction of the patch size (one value or
             one per axis), as MONAI's ``sigma_scale``.
         who: the public class named in error messages.
@@ -92,9 +95,9 @@ class BlendPlan:
             nothing or, with ``margin``, that is not the patch less the margin on each side; a window that is not
             strictly positive (see :func:`~.windows.axis_windows`).
 
-    Allocates per-axis 1-D tensors; ``gaussian``: one patch-sized weight and its single-channel volume of summed
-    weights; ``average``/``hann``: the store of weights built by :class:`~.patch_weights.PatchWeights` (one
-    patch-sized weight, at least 1 MiB).
+    Allocates per-axis 1-D tensors, the product of the reciprocal sums of all axes but the first (``average``/
+    ``hann``), one patch-sized weight (``hann``, ``gaussian``) and, for ``gaussian``, its single-channel volume of
+    summed weights.
     """
 
     def __init__(
@@ -116,9 +119,6 @@ class BlendPlan:
             )
         self.out_patch = tuple(int(q) for q in out_patch)
         self.device, self.dtype = torch.device("cpu") if device is None else torch.device(device), dtype
-        #: the dtype of the patches and weights added: float32 for a half-precision accumulator, so that each add
-        #: rounds once (into the accumulator) instead of rounding the patch, the weight and their product
-        self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.crop = overlap_mode == "crop"
         scale, shift = self._placement(geometry.patch_size, margin, who)
         #: per axis, the output start of each patch in padded output coordinates
@@ -142,22 +142,29 @@ class BlendPlan:
             self.spans.append([(min(max(lo, 0), n), min(max(hi, 0), n), b) for (lo, hi), b in zip(ranges, begin)])
         #: per axis and grid position, the destination and source slices in a whole-volume accumulator
         self._slices = [[(slice(lo, hi), slice(lo - b, hi - b)) for lo, hi, b in spans] for spans in self.spans]
-        #: the ``gaussian`` patch weight, and the reciprocal of its sums over the grid as one volume
+        #: the patch weight (``None``: equal weights, or ``crop``)
         self.weight: torch.Tensor | None = None
+        #: ``gaussian``: the reciprocal of the summed weights, as one single-channel volume
         self.inv_norm_volume: torch.Tensor | None = None
-        #: ``average``/``hann``: every patch's weight divided by the grid's summed weights
-        self.patch_weights: PatchWeights | None = None
+        #: ``average``/``hann``: the reciprocal of the summed weights along the first axis, and over all the others
+        self.inv_rows: torch.Tensor | None = None
+        self.inv_plane: torch.Tensor | None = None
         if self.crop:
             return
         try:
             windows = axis_windows(overlap_mode, self.out_patch, sigma_scale, dtype=torch.float64, device=device)
         except ValueError as err:
             raise ValueError(f"{who}: {err}") from None
+        if overlap_mode != "average":
+            self.weight = outer_window(windows).to(dtype)
         if overlap_mode == "gaussian":
-            self.weight = outer_window(windows).to(self.compute_dtype)
             self._gaussian_normaliser(geometry, dtype, device)
         else:
-            self.patch_weights = PatchWeights(windows, self.starts, padded, self.compute_dtype)
+            inv = [
+                grid_normaliser(w, starts, length)[off : off + n].reciprocal_().to(dtype)
+                for w, starts, length, off, n in zip(windows, self.starts, padded, self.offset, self.out_shape)
+            ]
+            self.inv_rows, self.inv_plane = inv[0], outer_window(inv[1:]) if len(inv) > 1 else None
 
     def _gaussian_normaliser(self, geometry: GridGeometry, dtype: torch.dtype, device: torch.device | None) -> None:
         """MONAI's importance map floors the product of the axis windows as a whole (at ``max(min, 1e-3)``), which is
@@ -213,17 +220,13 @@ class BlendPlan:
             out: ``(..., *out_shape)`` accumulator, of :func:`accumulator_dtype`; or, with ``base``, a slab
                 ``(..., rows, *out_shape[1:])`` holding output rows ``[base, base + rows)`` of the first spatial axis
                 (the parts of the patches outside the slab are left out).
-            patches: ``(n, ..., *out_patch)`` on ``out``'s device, in :attr:`compute_dtype`.
+            patches: ``(n, ..., *out_patch)`` on ``out``'s device, in ``out``'s dtype.
             grid_index: ``n`` rows of per-axis patch indices into the grid's corners.
             base: the output row where ``out`` begins along the first spatial axis.
 
-        Allocates nothing but, in the separable modes, the store of built weights at the first patch (see
-        :class:`~.patch_weights.PatchWeights`; ``crop``: one patch-sized temporary only when the dtypes differ); when
-        autograd records the adds (``patches`` require grad), a new tensor per patch weight, which autograd keeps for
-        the backward pass.
+        Allocates nothing (``crop``: one patch-sized temporary only when the dtypes differ).
         """
         top = base + out.shape[out.ndim - len(self.out_shape)]
-        fresh = torch.is_grad_enabled() and patches.requires_grad  # autograd keeps the weights it multiplies
         for patch, index in zip(patches, grid_index):
             box = self._box(index, base, top)
             if box is None:
@@ -235,12 +238,7 @@ class BlendPlan:
             elif self.weight is not None:
                 target.addcmul_(values, self.weight[src])
             else:
-                assert self.patch_weights is not None
-                weight = self.patch_weights.get(index, src, fresh)
-                if isinstance(weight, float):
-                    target.add_(values, alpha=weight)
-                else:
-                    target.addcmul_(values, weight)
+                target.add_(values)
 
     def add_constant(
         self, out: torch.Tensor, value: float, grid_index: Sequence[Sequence[int]], *, base: int = 0
@@ -276,18 +274,24 @@ class BlendPlan:
 
     def normalise_(self, out: torch.Tensor, *, base: int = 0) -> torch.Tensor:
         """Finish ``out`` (``(..., *out_shape)``, or a slab of it from output row ``base`` as in :meth:`add`) in place
-        and return it: ``gaussian`` divides by the summed weights' volume; the other modes are already normalised
-        (``crop`` copies, ``average``/``hann`` add pre-normalised weights), so this is a no-op for them.
+        and return it: divide by the summed weights (``crop`` copies, so it is left as it is).
 
-        Raises:
-            RuntimeError: a float16 blending accumulator holding infinities or NaNs (it overflowed).
+        ``average``/``hann`` multiply a few rows at a time by the outer product of the reciprocal per-axis sums
+        (allocating at most :data:`_NORMALISE_CHUNK` elements for it); ``gaussian`` by its volume of reciprocals.
         """
+        rows = out.shape[out.ndim - len(self.out_shape)]
         if self.inv_norm_volume is not None:
-            rows = out.shape[out.ndim - len(self.out_shape)]
             out.mul_(self.inv_norm_volume[:, base : base + rows].to(out.dtype))
-        if not self.crop and out.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
-            raise RuntimeError(
-                "the float16 accumulator overflowed (accumulate_dtype=torch.float16), or the network returned "
-                "infinities: use accumulate_dtype=torch.bfloat16 or torch.float32."
-            )
+        elif self.inv_rows is not None:
+            inv_rows = self.inv_rows[base : base + rows].to(out.dtype)
+            if self.inv_plane is None:
+                return out.mul_(inv_rows)
+            plane = self.inv_plane.to(out.dtype)
+            step = max(1, _NORMALISE_CHUNK // plane.numel())
+            factor = torch.empty((min(step, rows), *plane.shape), dtype=out.dtype, device=out.device)
+            shape = (-1, *[1] * plane.ndim)
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                torch.mul(inv_rows[a:b].view(shape), plane, out=factor[: b - a])
+                out[(..., slice(a, b), *[slice(None)] * plane.ndim)].mul_(factor[: b - a])
         return out

@@ -625,17 +625,20 @@ class GridInferer(Inferer):
         opened = []
         for out in outputs:
             self._check_output(out, window)
-            dtype = self.accumulate_dtype or accumulator_dtype(self.overlap_mode, out.dtype)
+            held = self.accumulate_dtype or accumulator_dtype(self.overlap_mode, out.dtype)
+            # a half-precision volume is blended in float32 slabs of the rows still open, each rounded once into it
+            dtype = held if held.itemsize >= 4 or self.overlap_mode == "crop" else torch.float32
             plan = self.plan(job.geometry, out.shape[2:], job.device, dtype)
             channels = int(out.shape[1])
-            streamed = options.streaming or job.group is not None
-            if not streamed:
-                volume = zeros_volume((job.n_items, channels, *plan.out_shape), dtype, job.device)
+            streamed = options.streaming or job.group is not None or dtype != held
+            if not options.streaming and job.group is None:  # in memory (a half volume: written slab by slab)
+                volume = zeros_volume((job.n_items, channels, *plan.out_shape), held, job.device)
             elif options.output is None:  # sharded: this rank's rows only, gathered at the end
                 a, b = part_rows(plan.out_shape[0], job.part)
                 leading = (job.n_items,)
+                probe = held if options.postprocess is None else dtype
                 volume = allocate_destination(
-                    options.postprocess, plan, channels, leading, job.device, dtype, WHO, rows=b - a
+                    options.postprocess, plan, channels, leading, job.device, probe, WHO, rows=b - a
                 )
             else:
                 volume = options.output
@@ -674,7 +677,7 @@ class GridInferer(Inferer):
         for out, target in zip(outputs, opened):
             self._check_output(out, window, (target.channels, *target.plan.out_patch))
             out = out.as_tensor() if isinstance(out, MetaTensor) else out
-            out = out.to(device=target.plan.device, dtype=target.plan.compute_dtype)
+            out = out.to(device=target.plan.device, dtype=target.plan.dtype)
             for item, lo, hi in job.item_runs(chunk):
                 index = [job.grid_index[k % n] for k in chunk[lo:hi]]
                 target.sinks[item].add(out[lo:hi], index)

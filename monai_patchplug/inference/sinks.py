@@ -406,13 +406,28 @@ class SlabSink:
         row -= self.row_offset
         index = (*self.prefix, slice(None), slice(row, row + int(values.shape[1])))
         if isinstance(self.destination, torch.Tensor):
-            self.destination[index].copy_(torch.as_tensor(values))
+            written = self.destination[index].copy_(torch.as_tensor(values))
+            self._check_half(target, lambda: bool(torch.isfinite(written).all()))
         else:
             array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
             dtype_np = getattr(self.destination, "dtype", None)
             if isinstance(dtype_np, np.dtype):
                 array = array.astype(dtype_np, copy=False)
+            self._check_half(target, lambda: bool(np.isfinite(array).all()))
             self.destination[index] = array
+
+    def _check_half(self, target: torch.dtype | None, finite: Callable[[], bool]) -> None:
+        """Raise when a float16 destination received values beyond its range (``finite()`` tells, after the cast).
+
+        Raises:
+            RuntimeError: naming ``accumulate_dtype``, the option that chose float16.
+        """
+        if target == torch.float16 and not finite():
+            raise RuntimeError(
+                f"{self.who}: the float16 accumulator overflowed (accumulate_dtype=torch.float16, or a float16 "
+                "output=): values beyond +-65504, or the network returned infinities; use "
+                "accumulate_dtype=torch.bfloat16 or torch.float32."
+            )
 
 
 def open_sink(
