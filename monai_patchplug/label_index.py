@@ -9,6 +9,12 @@ It is data, never code: a ``.npz`` file read with ``allow_pickle=False`` and wri
 then a rename). :class:`~monai_patchplug.LabelSampler` draws from it exactly as from the label map itself: a foreground
 label's voxels on valid patch centres are those of its runs clipped to the valid-centre box, each equally likely;
 background centres are uniform valid centres rejected when they fall in a foreground run (no voxel is read).
+It is built slab by slab (:meth:`LabelIndex.build`), so a map larger than memory can be indexed.
+
+With ``max_runs_per_label`` (a cap, as nnU-Net caps its stored locations) a label with more runs keeps a seeded
+uniform random subset of them, and the draw is an approximation: a label's voxels are drawn from its kept runs only
+(each kept voxel equally likely; ``P(label)`` normalised over the labels present among the kept runs), and the
+background from the valid centres outside the kept runs, the voxels of dropped runs included.
 """
 
 from __future__ import annotations
@@ -16,15 +22,24 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from ._shapes import host_array
 
 __all__ = ["LabelIndex", "index_path"]
 
 _FORMAT = 1
+#: Voxels :meth:`LabelIndex.build` reads at a time (whole rows of the last axis; a longer row is read whole): 4 Mi,
+#: 4 MiB of a uint8 map, 32 MiB of its int64 run starts at worst.
+SLAB_VOXELS = 1 << 22
+#: The seed of the runs :meth:`LabelIndex.build` keeps under ``max_runs_per_label`` (fixed: same map, same index).
+_CAP_SEED = 0
 
 
 def index_path(path: str | os.PathLike) -> Path:
@@ -36,6 +51,124 @@ def index_path(path: str | os.PathLike) -> Path:
 def _narrow(values: np.ndarray, top: int) -> np.ndarray:
     """``values`` (>= 0, <= ``top``) in the narrowest unsigned integer type holding ``top``."""
     return values.astype(np.min_scalar_type(max(int(top), 0)), copy=False)
+
+
+def check_max_runs(value: Any, owner: str) -> int | None:
+    """``max_runs_per_label`` checked for ``owner`` (named in the messages): ``None`` or a positive int.
+
+    Returns:
+        ``None`` or the cap as an int.
+
+    Raises:
+        TypeError: neither ``None`` nor an int (a bool, a float, a string).
+        ValueError: an int below 1.
+
+    Example:
+        >>> from monai_patchplug.label_index import check_max_runs
+        >>> check_max_runs(None, "PatchStore"), check_max_runs(1000, "PatchStore")
+        (None, 1000)
+        >>> check_max_runs(0, "PatchStore")
+        Traceback (most recent call last):
+        ...
+        ValueError: PatchStore: max_runs_per_label must be None or a positive int, got 0.
+    """
+    if value is None:
+        return None
+    message = f"{owner}: max_runs_per_label must be None or a positive int, got {value!r}."
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(message)
+    if value < 1:
+        raise ValueError(message)
+    return int(value)
+
+
+def _map_shape(label_map: Any, channel_first: bool) -> tuple[int, ...]:
+    """The spatial shape of a single-channel integer (or whole-number float) label map; reads no voxel.
+
+    Raises:
+        ValueError: a multi-channel map, no spatial axis, or a dtype that is not bool, integer or float.
+    """
+    shape = tuple(int(s) for s in label_map.shape)
+    if channel_first:
+        if len(shape) < 2 or shape[0] != 1:
+            raise ValueError(f"LabelIndex.build: expected a single-channel label map, got {shape}.")
+        shape = shape[1:]
+    if len(shape) < 1 or _dtype_kind(label_map.dtype) not in "biuf":
+        raise ValueError(f"LabelIndex.build: expected a single-channel label map, got {shape} {label_map.dtype}.")
+    return shape
+
+
+def _dtype_kind(dtype: Any) -> str:
+    """numpy's kind (``"b"``, ``"i"``, ``"u"``, ``"f"``, ...) of a numpy or torch dtype (bfloat16: float); ``"O"``
+    for one numpy does not know."""
+    if isinstance(dtype, torch.dtype):
+        return host_array(torch.empty(0, dtype=dtype)).dtype.kind
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:
+        return "O"
+
+
+def _slabs(shape: tuple[int, ...], voxels: int) -> Iterator[tuple[slice, ...]]:
+    """Boxes of whole rows (last axis) covering ``shape`` in C order, each one flat range of the map of at most
+    ``max(voxels, shape[-1])`` voxels: a range along the first axis whose inner size fits ``voxels`` (the inner axes
+    whole), the axes before it one index at a time."""
+    if not math.prod(shape):
+        return
+    if len(shape) == 1:
+        yield (slice(0, shape[0]),)
+        return
+    axis = next((a for a in range(len(shape) - 1) if math.prod(shape[a + 1 :]) <= voxels), len(shape) - 2)
+    step = max(1, voxels // math.prod(shape[axis + 1 :]))
+    inner = tuple(slice(0, s) for s in shape[axis + 1 :])
+    for prefix in np.ndindex(*shape[:axis]):
+        for first in range(0, shape[axis], step):
+            yield (*(slice(i, i + 1) for i in prefix), slice(first, min(first + step, shape[axis])), *inner)
+
+
+def _read(label_map: Any, box: tuple[slice, ...]) -> np.ndarray:
+    """``label_map[box]`` as a numpy array (a CPU tensor's or numpy array's box: a view; another device's: a copy)."""
+    block = label_map[box]
+    return host_array(block) if isinstance(block, torch.Tensor) else np.asarray(block)
+
+
+def _whole_numbers(values: np.ndarray) -> np.ndarray:
+    """``values`` as they are, a float slab as int64 once checked to hold whole numbers.
+
+    Raises:
+        ValueError: a float value that is not a whole number (or not finite).
+    """
+    if values.dtype.kind != "f":
+        return values
+    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+        raise ValueError("LabelIndex.build: a float label map must hold whole numbers.")
+    return values.astype(np.int64)
+
+
+def _row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of non-zero values of ``rows`` (``(n, width)``; a run never crosses a row): flat starts within
+    ``rows``, lengths and values (int64 each), by start. Allocates a bool mask of ``rows``' size."""
+    change = np.empty(rows.shape, dtype=bool)
+    change[:, 0] = True  # a run never crosses a row
+    np.not_equal(rows[:, 1:], rows[:, :-1], out=change[:, 1:])
+    starts = np.flatnonzero(change)
+    flat = rows.reshape(-1)
+    values = flat[starts]
+    lengths = np.diff(np.append(starts, flat.size))
+    keep = values != 0
+    return starts[keep], lengths[keep], values[keep].astype(np.int64)
+
+
+def _random_subset(offsets: np.ndarray, cap: int) -> np.ndarray:
+    """A mask over runs grouped by label (``offsets[i]:offsets[i + 1]``) keeping, of each label, a uniform random
+    subset of ``min(n, cap)`` runs (seeded with ``_CAP_SEED``: the same runs and cap keep the same subset)."""
+    counts = np.diff(offsets)
+    group = np.repeat(np.arange(counts.size), counts)
+    keys = np.random.default_rng(_CAP_SEED).random(group.size)
+    order = np.lexsort((keys, group))  # by label, then by a random key
+    rank = np.empty(group.size, dtype=np.int64)
+    rank[order] = np.arange(group.size) - offsets[group]  # the sorted groups are the groups: rank within its label
+    return rank < cap
 
 
 class LabelIndex:
@@ -64,6 +197,8 @@ class LabelIndex:
         {1: 6, 2: 1}
         >>> index.runs(1)  # the flat index of each run's first voxel, and the run's length along the last axis
         (array([ 8, 14]), array([3, 3]))
+        >>> LabelIndex.build(label, max_runs_per_label=1).counts()  # a seeded random one of label 1's runs kept
+        {1: 3, 2: 1}
         >>> folder = tempfile.TemporaryDirectory()
         >>> path = index.save(os.path.join(folder.name, "label.npy.index.npz"))
         >>> LabelIndex.load(path).counts()
@@ -101,49 +236,59 @@ class LabelIndex:
 
     # -- building, saving, loading -------------------------------------------------------------------------------
     @classmethod
-    def build(cls, label_map: Any, channel_first: bool = False) -> LabelIndex:
-        """Index a label map held in memory.
+    def build(cls, label_map: Any, channel_first: bool = False, max_runs_per_label: int | None = None) -> LabelIndex:
+        """Index a label map, read slab by slab: it need not fit in memory.
+
+        The map is read in boxes of whole rows of the last axis, in C order, of at most :data:`SLAB_VOXELS` voxels
+        each (a range along the first spatial axis whose rows fit, the axes before it one index at a time; a row
+        longer than that is one box), every voxel once. A run never crosses a row, so the runs are those of the whole
+        map.
 
         Args:
-            label_map: a ``(*spatial)`` numpy array or tensor of integer values (a float map must hold whole numbers).
+            label_map: a ``(*spatial)`` array-like of integer values (a float map must hold whole numbers): a numpy
+                array or memmap, a tensor (on any device), a ``zarr.Array``, an ``h5py.Dataset``, anything with
+                ``shape``, ``dtype`` and ``__getitem__`` with slices.
             channel_first: ``label_map`` is ``(1, *spatial)`` (one channel in front).
+            max_runs_per_label: keep at most this many runs per label (``None``: all, the exact index), as nnU-Net
+                caps its stored locations: a label with more keeps a uniform random subset of its runs, seeded, so
+                the same map and cap give the same index. An approximation: the sampler then draws a label's voxels
+                from its kept runs only (each kept voxel equally likely; ``P(label)`` still normalised over the labels
+                present among the kept runs), the background from every valid centre outside the kept runs (so also
+                from the voxels of dropped runs), and :meth:`counts` counts the kept voxels.
 
         Returns:
-            The index. Allocates a few temporaries of the map's size (a bool change mask, flat run starts); the index
-            holds 2 small integers per run.
+            The index. Allocates a few temporaries of one slab's size (the slab, a bool change mask, int64 run
+            starts; a float map's slab as int64 too) and a few arrays of the run count (starts and lengths in their
+            small types, labels and sort order as int64; with a cap, a float64 key per run); the index holds 2 small
+            integers per run.
 
         Raises:
-            ValueError: a multi-channel map, or non-integer values.
+            ValueError: a multi-channel map, non-integer values, or ``max_runs_per_label`` below 1.
+            TypeError: ``max_runs_per_label`` neither ``None`` nor an int.
         """
-        values = np.asarray(label_map.numpy() if hasattr(label_map, "numpy") else label_map)
-        if channel_first:
-            if values.ndim < 2 or values.shape[0] != 1:
-                raise ValueError(f"LabelIndex.build: expected a single-channel label map, got {values.shape}.")
-            values = values[0]
-        if values.ndim < 1 or values.dtype.kind not in "biuf":
-            raise ValueError(
-                f"LabelIndex.build: expected a single-channel label map, got {values.shape} {values.dtype}."
-            )
-        if values.dtype.kind == "f":
-            if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-                raise ValueError("LabelIndex.build: a float label map must hold whole numbers.")
-            values = values.astype(np.int64)
-        shape, width = values.shape, values.shape[-1]
-        flat = values.reshape(-1)
-        change = np.empty(flat.size, dtype=bool)
-        change[0] = True
-        np.not_equal(flat[1:], flat[:-1], out=change[1:])
-        change[::width] = True  # a run never crosses a row
-        starts = np.flatnonzero(change)
-        run_values = flat[starts]
-        lengths = np.diff(np.append(starts, flat.size))
-        keep = run_values != 0
-        starts, lengths, run_values = starts[keep], lengths[keep], run_values[keep].astype(np.int64)
+        cap = check_max_runs(max_runs_per_label, "LabelIndex.build")
+        label_map = label_map if hasattr(label_map, "shape") else np.asarray(label_map)
+        shape = _map_shape(label_map, channel_first)
+        size, width = math.prod(shape), shape[-1]
+        lead = (slice(0, 1),) if channel_first else ()
+        empty = np.zeros(0, dtype=np.int64)
+        parts = [(_narrow(empty, size), _narrow(empty, width), empty)]
+        offset = 0
+        for box in _slabs(shape, SLAB_VOXELS):
+            rows = _whole_numbers(_read(label_map, lead + box)).reshape(-1, width)
+            starts, lengths, values = _row_runs(rows)
+            parts.append((_narrow(starts + offset, size), _narrow(lengths, width), values))
+            offset += rows.size
+        starts, lengths, run_values = (np.concatenate(column) for column in zip(*parts))
         order = np.argsort(run_values, kind="stable")  # by label, then by start (starts are ascending)
         labels, counts = np.unique(run_values, return_counts=True)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        size = math.prod(shape)
-        return cls(shape, labels, offsets, _narrow(starts[order], size), _narrow(lengths[order], width))
+        starts, lengths = starts[order], lengths[order]
+        if cap is not None:
+            keep = _random_subset(offsets, cap)
+            starts, lengths = starts[keep], lengths[keep]
+            offsets = np.concatenate([[0], np.cumsum(np.minimum(counts, cap))]).astype(np.int64)
+        return cls(shape, labels, offsets, starts, lengths)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to ``path`` (``.npz``, no pickle) atomically: a temporary file beside it, then a rename.

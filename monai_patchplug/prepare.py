@@ -45,7 +45,8 @@ def prepare_datalist(
         out: the store folder.
         keys: keys to convert; ``None``: every key of the first item whose value is an image file name.
         label_key: the label map's key, indexed if present among ``keys`` (``None``: no index).
-        store_kwargs: :class:`~monai_patchplug.PatchStore` options (``chunks``, ``clevel``, ``workers``, ``progress``).
+        store_kwargs: :class:`~monai_patchplug.PatchStore` options (``chunks``, ``clevel``, ``workers``, ``progress``,
+            ``max_runs_per_label``).
 
     Returns:
         The path of the datalist written. Reads each case whole, one per worker at a time.
@@ -85,11 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--codec", choices=["lz4", "zstd"], default="lz4", help="Blosc compressor (default lz4)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--max-runs-per-label", type=int, default=None,
+        help="keep at most this many runs per label in the label index, a seeded random subset (an approximation, "
+        "as nnU-Net's cap; default: all, the exact index)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         target = prepare_datalist(
             args.datalist, args.out, args.keys, args.label_key,
             chunks=args.chunks, codec=args.codec, workers=args.workers, progress=not args.no_progress,
+            max_runs_per_label=args.max_runs_per_label,
         )  # fmt: skip
     except (RuntimeError, ValueError, OSError) as error:
         print(error, file=sys.stderr)

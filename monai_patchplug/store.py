@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .label_index import LabelIndex, index_path
+from .label_index import LabelIndex, check_max_runs, index_path
 
 __all__ = ["PatchStore"]
 
@@ -94,9 +94,14 @@ class PatchStore:
         workers: processes preparing cases in parallel (``concurrent.futures``); ``None``: ``os.cpu_count()``; ``1``:
             in this process.
         progress: show a progress bar (needs ``tqdm``; silently none without it).
+        max_runs_per_label: cap on the runs the label index keeps per label (``None``: all, the exact index); see
+            :meth:`~monai_patchplug.LabelIndex.build`: an approximation, as nnU-Net's cap (a label's voxels are then
+            drawn from a seeded random subset of its runs). Part of a case's settings: a case prepared with another
+            cap is prepared again.
 
     Raises:
-        ValueError: bad ``chunks``, ``clevel`` or ``workers``.
+        ValueError: bad ``chunks``, ``clevel``, ``workers`` or ``max_runs_per_label`` (below 1).
+        TypeError: ``max_runs_per_label`` neither ``None`` nor an int.
 
     Example:
         >>> import os
@@ -131,6 +136,7 @@ class PatchStore:
         clevel: int = 3,
         workers: int | None = None,
         progress: bool = True,
+        max_runs_per_label: int | None = None,
     ) -> None:
         sizes = [chunks] if isinstance(chunks, int) else list(chunks)
         if not sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in sizes):
@@ -143,6 +149,7 @@ class PatchStore:
             raise ValueError(f"PatchStore: workers must be None or a positive int, got {workers!r}.")
         self.folder, self.chunks, self.codec, self.clevel = Path(folder), chunks, codec, clevel
         self.workers, self.progress = workers, progress
+        self.max_runs_per_label = check_max_runs(max_runs_per_label, "PatchStore")
 
     def case_name(self, item: Mapping[str, Any], keys: Sequence[str]) -> str:
         """The case's folder name: the first key's file stem plus a short hash of its full path (unique, stable)."""
@@ -200,6 +207,7 @@ class PatchStore:
             "chunks": chunks,
             "codec": self.codec,
             "clevel": self.clevel,
+            "max_runs_per_label": self.max_runs_per_label,
         }
 
     @staticmethod
@@ -263,7 +271,8 @@ def _prepare_case(item: dict, case: Path, keys: list[str], label_key: str | None
 
 def _write_array(source: str, target: Path, is_label: bool, settings: dict) -> list[int]:
     """Load ``source`` as ``LoadImaged`` + ``EnsureChannelFirstd`` would, write it as a chunked zarr array with its
-    metadata (and, for the label, its index). Returns the channel-first shape. Allocates the loaded case."""
+    metadata (and, for the label, its index, built from the loaded array slab by slab: no copy of it). Returns the
+    channel-first shape. Allocates the loaded case."""
     from monai.transforms import LoadImage
 
     zarr = _require_zarr()
@@ -280,7 +289,7 @@ def _write_array(source: str, target: Path, is_label: bool, settings: dict) -> l
     out.attrs["meta"] = _json_meta(getattr(image, "meta", {}), source)
     sidecar = index_path(target)
     if is_label and array.shape[0] == 1:
-        LabelIndex.build(array, channel_first=True).save(sidecar)
+        LabelIndex.build(array, channel_first=True, max_runs_per_label=settings["max_runs_per_label"]).save(sidecar)
     else:
         sidecar.unlink(missing_ok=True)
     return [int(s) for s in array.shape]

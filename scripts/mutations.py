@@ -37,10 +37,12 @@ BASE = ("monai_patchplug/sampling/base.py",)
 GRID = ("monai_patchplug/grid.py", "monai_patchplug/sampling/grid.py")
 WINDOWS = ("monai_patchplug/inference/windows.py",)
 BLEND = ("monai_patchplug/inference/blend.py",)
+INDEX = ("monai_patchplug/label_index.py",)
 
 SAMPLING_TESTS = ("tests/test_label.py", "tests/test_weighted.py", "tests/test_uniform.py", "tests/test_monai_args.py")
 GRID_TESTS = ("tests/test_grid.py", "tests/test_aggregator.py", "tests/test_inferer.py")
 BLEND_TESTS = ("tests/test_aggregator.py", "tests/test_inferer.py")
+INDEX_TESTS = ("tests/test_lazy_sampling.py",)
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,52 @@ MUTANTS = [
         'dtype = held if held.itemsize >= 4 or self.overlap_mode == "crop" else torch.float32',
         "dtype = held",
         ("tests/test_tta.py",),
+    ),
+    # -- the label index ---------------------------------------------------------------------------------------------
+    Mutant(
+        "label index: the draw picks a run uniformly, then a voxel in it (not every voxel alike)",
+        INDEX,
+        "    u = rng.randint(0, int(ends[-1]), size=k).astype(np.int64)\n"
+        '    run = np.searchsorted(ends, u, side="right")\n',
+        "    run = rng.randint(0, lengths.size, size=k)\n"
+        "    u = ends[run] - lengths[run] + rng.randint(0, 1 << 30, size=k) % lengths[run]\n",
+        INDEX_TESTS,
+    ),
+    Mutant(
+        "label index: membership holds the voxel after a run's end",
+        INDEX,
+        "return (run >= 0) & (flat < starts[safe] + lengths[safe])",
+        "return (run >= 0) & (flat <= starts[safe] + lengths[safe])",
+        INDEX_TESTS,
+    ),
+    Mutant(
+        "label index: a run clipped to the valid centres keeps its old start",
+        INDEX,
+        "return rows[keep] * width + first[keep], (last - first)[keep]",
+        "return rows[keep] * width + cols[keep], (last - first)[keep]",
+        INDEX_TESTS,
+    ),
+    Mutant(
+        "label index: the builder lets a run cross a row",
+        INDEX,
+        "    change[:, 0] = True  # a run never crosses a row\n",
+        "    change[:, 0] = True  # a run never crosses a row\n"
+        "    change[1:, 0] = rows[1:, 0] != rows[:-1, -1]\n",
+        INDEX_TESTS,
+    ),
+    Mutant(
+        "label index: the slab-wise build forgets the slab's offset",
+        INDEX,
+        "parts.append((_narrow(starts + offset, size), _narrow(lengths, width), values))",
+        "parts.append((_narrow(starts, size), _narrow(lengths, width), values))",
+        INDEX_TESTS,
+    ),
+    Mutant(
+        "label index: the cap keeps each label's first runs, not a random subset",
+        INDEX,
+        "keys = np.random.default_rng(_CAP_SEED).random(group.size)",
+        "keys = np.zeros(group.size)",
+        INDEX_TESTS,
     ),
 ]
 

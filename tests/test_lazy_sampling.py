@@ -7,6 +7,7 @@ Also the persistent label index (exact runs, the sampled law of the in-memory La
 from __future__ import annotations
 
 import math
+import re
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from stats import assert_counts_follow
 
 import monai_patchplug as mpp
+import monai_patchplug.label_index as label_index_module
 from monai_patchplug import LOCATION, LabelIndex, LazyVolume, LoadLazyd
 from monai_patchplug._shapes import is_lazy
 from monai_patchplug.label_index import clip_runs, in_runs, index_path
@@ -264,8 +266,11 @@ def test_label_index_runs_rebuild_the_map_and_clip_to_valid_centres(shape, seed,
     valid = np.zeros(shape, dtype=bool)
     valid[tuple(slice(p // 2, s - (p - 1) // 2) for p, s in zip(patch, shape))] = True
     for value in index.labels:
-        starts, lengths = clip_runs(*index.runs(value), shape, patch)
-        assert int(lengths.sum()) == int(((label == value) & valid).sum())
+        clipped = np.zeros(label.size, dtype=bool)
+        for start, length in zip(*clip_runs(*index.runs(value), shape, patch)):
+            assert length > 0 and not clipped[start : start + length].any()
+            clipped[start : start + length] = True
+        assert np.array_equal(clipped.reshape(shape), (label == value) & valid)
     flat = np.arange(label.size)
     assert np.array_equal(in_runs(flat, *index.union(False)), label.ravel() != 0)
     assert np.array_equal(in_runs(flat, *index.union(True)), label.ravel() > 0)
@@ -389,3 +394,169 @@ def test_indexed_label_sampler_draws_valid_centres_of_the_wanted_labels(shape, s
         centre = tuple(corner + np.asarray(patch) // 2)
         assert int(label[centre]) in wanted
         assert float(p["image"][(0, *(q // 2 for q in patch))]) == float(label[centre])
+
+
+# -- the label index, built slab by slab and capped ---------------------------------------------------------------
+def _reference_runs(label: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """The non-zero runs of the whole map, row by row of its last axis: ``{value: [(flat start, length), ...]}``."""
+    width = label.shape[-1]
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for r, row in enumerate(label.reshape(-1, width).astype(np.int64)):
+        bounds = [0, *(np.flatnonzero(np.diff(row)) + 1).tolist(), width]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if row[a] != 0:
+                runs.setdefault(int(row[a]), []).append((r * width + a, b - a))
+    return runs
+
+
+def _assert_index_is(index: LabelIndex, runs: dict[int, list[tuple[int, int]]], shape: tuple[int, ...]) -> None:
+    """``index`` holds exactly ``runs``, by label then start, in the narrowest unsigned types of the map's size."""
+    assert index.shape == shape
+    assert index.labels.tolist() == sorted(runs) and index.labels.dtype == np.int64
+    assert index.offsets.tolist() == [0, *np.cumsum([len(runs[v]) for v in sorted(runs)], dtype=int).tolist()]
+    assert index.starts.dtype == np.min_scalar_type(math.prod(shape))
+    assert index.lengths.dtype == np.min_scalar_type(shape[-1])
+    for value in sorted(runs):
+        starts, lengths = index.runs(value)
+        assert list(zip(starts.tolist(), lengths.tolist())) == runs[value]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple),
+    seed=st.integers(0, 2**16),
+    slab=st.integers(1, 40),
+    form=st.sampled_from(["numpy", "tensor", "channel_first", "float", "array-like"]),
+)
+def test_slab_wise_build_equals_the_runs_of_the_whole_map(shape, seed, slab, form):
+    """Slabs of a few voxels (a row longer than a slab is read whole) give the runs of the whole map, any input."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(-1, 4, size=3)  # few values, 0 among them or not: long runs, many cross a row's end
+    label = values[rng.choice(3, size=shape, p=rng.dirichlet(np.ones(3)))].astype(np.int16)
+    given_map = {
+        "numpy": label,
+        "tensor": torch.from_numpy(label),
+        "channel_first": torch.from_numpy(label[None]),
+        "float": label.astype(np.float32),
+        "array-like": CountingArray(label[None]),
+    }[form]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(label_index_module, "SLAB_VOXELS", slab)
+        index = LabelIndex.build(given_map, channel_first=form in ("channel_first", "array-like"))
+    _assert_index_is(index, _reference_runs(label), shape)
+
+
+@pytest.mark.parametrize(
+    "shape, slab", [((7, 5, 6, 4), 50), ((9, 8), 20), ((3, 100), 10), ((13,), 4), ((4, 3, 5), 1000), ((5, 6), 1)]
+)
+def test_build_reads_whole_row_slabs_of_bounded_size_each_voxel_once(shape, slab, monkeypatch):
+    label = np.random.default_rng(0).integers(0, 3, (1, *shape)).astype(np.uint8)
+    counting = CountingArray(label)
+    monkeypatch.setattr(label_index_module, "SLAB_VOXELS", slab)
+    _assert_index_is(LabelIndex.build(counting, channel_first=True), _reference_runs(label[0]), shape)
+    seen = np.zeros(shape, dtype=np.int64)
+    for box in counting.reads:
+        assert box[0] == (0, 1) and box[-1] == (0, shape[-1])  # the one channel, whole rows
+        assert math.prod(b - a for a, b in box) <= max(slab, shape[-1])  # a slab's worth (a row at least)
+        seen[tuple(slice(a, b) for a, b in box[1:])] += 1
+    assert (seen == 1).all()  # every voxel read once
+    assert len(counting.reads) <= 3 * math.ceil(label.size / max(slab, shape[-1]))  # not voxel by voxel
+
+
+def test_build_reads_zarr_and_memmaps_and_keeps_its_input_checks(tmp_path, monkeypatch):
+    zarr = pytest.importorskip("zarr")
+    label = np.zeros((1, 6, 5, 7), dtype=np.uint16)
+    label[0, 1:4, 2:5, 1:6] = 300
+    label[0, 5, 0, :] = 2
+    array = zarr.create_array(str(tmp_path / "l.zarr"), shape=label.shape, chunks=(1, 2, 5, 7), dtype=label.dtype)
+    array[...] = label
+    np.save(tmp_path / "l.npy", label[0])
+    monkeypatch.setattr(label_index_module, "SLAB_VOXELS", 35)
+    runs = _reference_runs(label[0])
+    _assert_index_is(LabelIndex.build(array, channel_first=True), runs, label.shape[1:])
+    _assert_index_is(LabelIndex.build(np.load(tmp_path / "l.npy", mmap_mode="r")), runs, label.shape[1:])
+    _assert_index_is(LabelIndex.build(label[0].tolist()), runs, label.shape[1:])
+    for bad in (0.5, np.nan, np.inf):
+        values = label[0].astype(np.float32)
+        values[5, 4, 6] = bad  # in the last slab
+        with pytest.raises(ValueError, match="whole numbers"):
+            LabelIndex.build(values)
+    for multi in (np.zeros((2, 4, 4), np.uint8), torch.zeros(2, 4, 4), np.zeros(3, np.uint8)):
+        with pytest.raises(ValueError, match="single-channel"):
+            LabelIndex.build(multi, channel_first=True)
+    with pytest.raises(ValueError, match="single-channel"):
+        LabelIndex.build(np.asarray(["a", "b"]))
+
+
+def test_capped_index_keeps_a_seeded_uniform_subset_of_each_labels_runs():
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 3, (200, 60)).astype(np.uint8)  # ~2700 runs of labels 1 and 2 each
+    label[0, :3], label[7, 10] = 3, 3  # label 3: 2 runs, fewer than the cap
+    exact, cap = LabelIndex.build(label), 300
+    capped = LabelIndex.build(label, max_runs_per_label=cap)
+    again = LabelIndex.build(torch.from_numpy(label.copy()), max_runs_per_label=cap)
+    for name in ("labels", "offsets", "starts", "lengths"):
+        assert np.array_equal(getattr(capped, name), getattr(again, name))  # the same map and cap: the same index
+        assert getattr(capped, name).dtype == getattr(exact, name).dtype
+    _assert_index_is(LabelIndex.build(label, max_runs_per_label=None), _reference_runs(label), label.shape)
+    assert capped.labels.tolist() == [1, 2, 3] and np.diff(capped.offsets).tolist() == [cap, cap, 2]
+    for value in capped.labels:
+        all_starts, all_lengths = exact.runs(value)
+        starts, lengths = capped.runs(value)
+        assert len(starts) == min(cap, len(all_starts)) and np.all(np.diff(starts) > 0)  # sorted
+        rank = np.searchsorted(all_starts, starts)  # each kept run is one of the map's runs
+        assert np.array_equal(all_starts[rank], starts) and np.array_equal(all_lengths[rank], lengths)
+        assert capped.counts()[int(value)] == int(lengths.sum())
+        if len(all_starts) > cap:  # uniform over the runs: as many kept in each tenth of them as its share
+            tenth = np.arange(len(all_starts)) * 10 // len(all_starts)
+            assert_counts_follow(np.bincount(tenth[rank], minlength=10), np.bincount(tenth) / len(all_starts))
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), ("5", TypeError),
+                                        (True, TypeError)])  # fmt: skip
+def test_a_bad_cap_is_named_with_its_value(bad, error):
+    with pytest.raises(error, match=f"max_runs_per_label .*{re.escape(repr(bad))}"):
+        LabelIndex.build(np.ones((2, 3), np.uint8), max_runs_per_label=bad)
+
+
+def _sampled_law(patches: list[dict], shape: tuple[int, ...], patch: tuple[int, ...]) -> np.ndarray:
+    """How often each voxel of ``shape`` is a patch centre."""
+    centres = np.stack([p[LOCATION][: len(shape)].numpy() for p in patches]) + np.asarray(patch) // 2
+    return np.bincount(np.ravel_multi_index(tuple(centres.T), shape), minlength=math.prod(shape))
+
+
+def test_sampling_from_a_capped_index_draws_the_kept_runs_each_kept_voxel_alike():
+    shape, patch, probabilities = (12, 10, 30), (3, 3, 4), {1: 1.0, 2: 3.0}
+    rng = np.random.default_rng(5)
+    label = np.where(rng.random(shape) < 0.4, rng.integers(1, 3, shape), 0).astype(np.uint8)
+    index = LabelIndex.build(label, max_runs_per_label=40)
+    sampler = mpp.LabelSampler(patch, "label", probabilities, keys=["image"], num_samples=4000).set_random_state(0)
+    data = {"image": CountingArray(label[None].astype(np.float32)), "label": LazyVolume(label, label_index=index)}
+    counts = _sampled_law(sampler(data), shape, patch)
+    valid = np.zeros(shape, dtype=bool)
+    valid[tuple(slice(p // 2, s - (p - 1) // 2) for p, s in zip(patch, shape))] = True
+    law = np.zeros(label.size)
+    for value, p in probabilities.items():
+        kept = np.zeros(label.size, dtype=bool)
+        for start, length in zip(*index.runs(value)):
+            kept[start : start + length] = True
+        kept &= valid.ravel()
+        assert kept.sum() < ((label == value) & valid).sum()  # the cap left voxels of the label out
+        law[kept] = p / sum(probabilities.values()) / kept.sum()
+    assert counts[law == 0].sum() == 0  # only centres inside kept runs
+    assert_counts_follow(counts[law > 0], law[law > 0])
+
+
+def test_indexed_draw_makes_every_voxel_of_a_label_equally_likely_not_every_run():
+    """A run of 18 voxels and a lone voxel of label 1: each of the 19 is drawn with probability 1/19 (a draw that
+    picked a run first, then a voxel, would give the lone one 1/2)."""
+    shape, patch = (7, 7, 24), (3, 3, 5)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[3, 3, 3:21] = 1
+    label[4, 2, 10] = 1
+    data = {"image": CountingArray(label[None]), "label": LazyVolume(label, label_index=LabelIndex.build(label))}
+    sampler = mpp.LabelSampler(patch, "label", {1: 1}, keys=["image"], num_samples=3800).set_random_state(0)
+    counts = _sampled_law(sampler(data), shape, patch)
+    cells = np.flatnonzero(label.ravel())
+    assert counts.sum() == counts[cells].sum()
+    assert_counts_follow(counts[cells], np.full(19, 1 / 19))

@@ -122,6 +122,34 @@ def test_prepare_command_converts_a_datalist(tmp_path):
     assert run.returncode != 0 and "nope.json" in run.stderr
 
 
+def test_the_index_cap_is_a_setting_of_the_store_and_of_the_command(tmp_path, capsys):
+    files = _write_cases(tmp_path, 1)  # label 1: 80 runs of 6 voxels along the last axis; label 2: 12 runs of 4
+    prepared = PatchStore(tmp_path / "store", workers=1, progress=False)(files, ["image", "label"], "label")
+    case = Path(prepared[0]["label"]).parent
+    assert np.diff(LoadLazyd("label")(prepared[0])["label"].label_index.offsets).tolist() == [80, 12]  # exact
+    before = _mtimes(case)
+    capped = PatchStore(tmp_path / "store", workers=1, progress=False, max_runs_per_label=5)
+    assert capped(files, ["image", "label"], "label") == prepared
+    assert _mtimes(case) != before  # another cap: the case was prepared again
+    index = LoadLazyd("label")(prepared[0])["label"].label_index
+    assert np.diff(index.offsets).tolist() == [5, 5] and index.counts() == {1: 5 * 6, 2: 5 * 4}
+    assert json.loads((case / "done.json").read_text())["max_runs_per_label"] == 5
+    before = _mtimes(case)
+    capped(files, ["image", "label"], "label")
+    assert _mtimes(case) == before  # the same cap: skipped
+    datalist = {"training": [{"image": f["image"], "label": f["label"]} for f in files]}
+    (tmp_path / "dataset.json").write_text(json.dumps(datalist))
+    command = [str(tmp_path / "dataset.json"), str(tmp_path / "cli"), "--workers", "1", "--no-progress"]
+    assert prepare_main([*command, "--max-runs-per-label", "3"]) == 0
+    written = json.loads((tmp_path / "cli" / "datalist.json").read_text())["training"][0]
+    assert np.diff(LoadLazyd("label")(written)["label"].label_index.offsets).tolist() == [3, 3]
+    assert prepare_main([*command, "--max-runs-per-label", "0"]) == 1
+    assert "max_runs_per_label must be None or a positive int, got 0" in capsys.readouterr().err
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), ("2", TypeError), (False, TypeError)):
+        with pytest.raises(error, match=f"PatchStore: max_runs_per_label .*{bad!r}"):
+            PatchStore(tmp_path / "store", max_runs_per_label=bad)
+
+
 def test_patch_queue_on_lazy_volumes_reads_only_its_patches(tmp_path, monkeypatch):
     files = _write_cases(tmp_path, 3)
     prepared = PatchStore(tmp_path / "store", workers=1, progress=False)(files, ["image", "label"], "label")
