@@ -244,3 +244,33 @@ def test_a_supervised_evaluator_runs_the_mirrored_half_precision_inferer():
     with torch.no_grad():
         expected = mpp.GridInferer(8, 4)(data[0]["image"][None], mirrored_reference([net], [1.0], (0, 1, 2)))
     torch.testing.assert_close(evaluator.state.output[0]["pred"], expected[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int32])
+def test_mirroring_averages_outputs_of_any_dtype(dtype):
+    """Outputs numpy has no reversed view for (bfloat16) or that are not floats (integers, averaged as floats) take
+    torch's flips; float64 takes numpy's. Each equals the wrapped network, in the dtype it has without mirroring."""
+    x = torch.rand(1, 1, 9, 8, 7)
+
+    def net(p):
+        return (lopsided(p) * 100).to(dtype)
+
+    got = mpp.GridInferer(4, 2, "average", mirror_axes=(0, 2))(x, net)
+    reference = mirrored_reference([lambda p: net(p).double()], [1.0], (0, 2))
+    expected = mpp.GridInferer(4, 2, "average")(x, reference)
+    assert got.dtype == mpp.GridInferer(4, 2, "average")(x, net).dtype  # the dtype without mirroring
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * 100)
+
+
+def test_mirroring_under_autograd_reaches_the_networks_parameters():
+    """With autograd recording, the flipped-back outputs are summed by torch (numpy cannot record), so the gradient of
+    a 1x1x1 conv's weight is the sum of the input, as without mirroring."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 1, 1)
+    x = torch.rand(1, 1, 9, 8, 7)
+    out = mpp.GridInferer(4, 2, "hann", mirror_axes=(0, 1, 2))(x, net)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), net.weight.detach().reshape(()) * x + net.bias.detach(), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(net.weight.grad.reshape(()), x.sum(), rtol=1e-4, atol=1e-3)

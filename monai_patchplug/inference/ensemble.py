@@ -13,7 +13,10 @@ import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
+import numpy as np
 import torch
+
+from .blend import accumulator_dtype
 
 __all__ = ["AveragedNetwork", "flatten_output", "mirror_subsets"]
 
@@ -57,7 +60,8 @@ class AveragedNetwork:
         who: the public class named in error messages.
 
     Calling it on a ``(n, C, *patch)`` batch returns the networks' output structure of averaged ``(n, C', ...)``
-    tensors, summed in float32 (or wider) and returned in the networks' dtype (floats for integer outputs).
+    tensors, summed as the blending modes sum (:func:`~.blend.accumulator_dtype`: float32, float64 for float64 and
+    wide integers) and returned in the networks' dtype (floats for integer outputs).
     Allocates, per call, one flipped copy of the batch at a time, the networks' outputs (one at a time on a single
     device; one per device otherwise), and the running average (one output batch per network output).
     """
@@ -79,8 +83,8 @@ class AveragedNetwork:
             device,
             who,
         )
-        #: the share of each (flip, network) result in the average
-        self.shares = [float(w) / total / len(flips) for w in weights]
+        #: each network's weight in the average (the flips are then averaged equally)
+        self.weights = [float(w) / total for w in weights]
 
     def _launch(self, batch: torch.Tensor, args: tuple, kwargs: dict) -> Iterator[Any]:
         """Each network's output on ``batch``. On several devices every device gets its batch before any result is
@@ -97,23 +101,63 @@ class AveragedNetwork:
                 yield call()
 
     def __call__(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        mean: list[torch.Tensor] | None = None
+        sums: list[torch.Tensor] | None = None
         dtypes: list[torch.dtype] = []
         rebuild: Callable[[list[Any]], Any] = list
         for flip in self.flips:
             dims = [2 + a for a in flip]
-            flipped = batch.flip(dims) if dims else batch
-            for share, output in zip(self.shares, self._launch(flipped, args, kwargs)):
+            flipped = _flip(batch, dims)
+            for weight, output in zip(self.weights, self._launch(flipped, args, kwargs)):
                 items, rebuild = flatten_output(output, self.who)
-                if mean is not None and len(items) != len(mean):
-                    raise ValueError(f"{self.who}: the networks returned {len(items)} outputs, earlier {len(mean)}.")
-                items = [(t.flip(dims) if dims else t).to(self.device) for t in items]
-                if mean is None:
+                if sums is not None and len(items) != len(sums):
+                    raise ValueError(f"{self.who}: the networks returned {len(items)} outputs, earlier {len(sums)}.")
+                items = [t.to(self.device) for t in items]
+                if sums is None:
                     dtypes = [t.dtype for t in items]  # the averages take them back (integer outputs stay floats)
-                    mean = [t.to(torch.promote_types(t.dtype, torch.float32)) * share for t in items]
-                else:
-                    for total, t in zip(mean, items):
-                        total.add_(t, alpha=share)
+                    sums = [
+                        torch.zeros(t.shape, dtype=accumulator_dtype("average", t.dtype), device=t.device)
+                        for t in items
+                    ]
+                for total, t in zip(sums, items):
+                    _add_flipped(total, t, dims, weight)
             del flipped
-        assert mean is not None
-        return rebuild([m.to(d) if d.is_floating_point else m for m, d in zip(mean, dtypes)])
+        assert sums is not None
+        means = [total.mul_(1.0 / len(self.flips)) for total in sums]
+        return rebuild([m.to(d) if d.is_floating_point else m for m, d in zip(means, dtypes)])
+
+
+def _numpy_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` can be worked on through numpy (CPU, a dtype numpy has, autograd not recording it): numpy's
+    reversed views flip without a copy, which torch's strides cannot express."""
+    return t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS and not (t.requires_grad and torch.is_grad_enabled())
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _reversed(dims: Sequence[int], ndim: int) -> tuple[slice, ...]:
+    """The index of a view reversed along ``dims``."""
+    return tuple(slice(None, None, -1) if d in dims else slice(None) for d in range(ndim))
+
+
+def _flip(batch: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``batch`` flipped along ``dims`` (``batch`` itself for none): a new contiguous tensor, copied through numpy's
+    reversed view on the CPU (one strided copy; ``torch.flip`` gathers by index). Allocates that tensor."""
+    if not dims:
+        return batch
+    if not _numpy_view(batch):
+        return batch.flip(dims)
+    return torch.from_numpy(np.ascontiguousarray(batch.numpy()[_reversed(dims, batch.ndim)]))
+
+
+def _add_flipped(total: torch.Tensor, t: torch.Tensor, dims: Sequence[int], weight: float) -> None:
+    """``total += weight * flip(t, dims)`` in place; on the CPU through a reversed numpy view of ``total`` (no flipped
+    copy of ``t``). Allocates nothing there but, for a weight other than 1 or another dtype, the scaled copy."""
+    if not dims or not (_numpy_view(total) and _numpy_view(t)):
+        total.add_(t.flip(dims) if dims else t, alpha=weight)
+        return
+    view = total.numpy()[_reversed(dims, total.ndim)]
+    values = t.numpy()
+    if weight != 1.0 or values.dtype != view.dtype:
+        values = np.multiply(values, weight, dtype=view.dtype)
+    np.add(view, values, out=view)
