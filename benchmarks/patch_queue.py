@@ -16,11 +16,13 @@ persistent workers); after one warm-up epoch each, epochs alternate between the 
 TorchIO is optional: without it its row is skipped with a note.
 
 ``--store`` measures training from disk instead (issue 16): the same cases written as ``.nii.gz`` and ``.nii``, and
-prepared once by ``PatchStore`` (chunked lz4 zarr + label index); rows: ``PatchQueue`` + ``LoadLazyd`` on the store
-(only the patches are read, the label index draws the centres), TorchIO's Queue and MONAI (``Dataset`` +
-``LoadImaged`` + ``RandCropByLabelClassesd``) on the ``.nii.gz`` and the ``.nii`` files. It prints patches/s, the peak
-RSS of a worker (recorded by each worker as it loads a volume: the peak so far), the RSS of the process the workers are
-forked from (their baseline), one batch of patches, and the store's size against the ``.nii.gz`` files.
+prepared once by ``PatchStore`` (chunked lz4 zarr + label index); rows: ``PatchQueue`` + ``LoadLazyd(dtype=None)``
+on the store (only the patches are read, straight from the chunk files; the label index draws the centres), the same
+with the reads through ``zarr.Array`` (paired, to show the direct reader's gain), TorchIO's Queue and MONAI
+(``Dataset`` + ``LoadImaged(dtype=None)`` + ``RandCropByLabelClassesd``) on the ``.nii.gz`` and the ``.nii`` files
+(``--only-store``: our two rows only). It prints patches/s, a worker's peak RSS and its peak private memory
+(its unique set size, USS) above their values before its first volume (see :class:`RecordRSS`), each also less the
+worker's buffer of ``--max-length`` patches, one batch of patches, and the store's size against the ``.nii.gz`` files.
 
 Run from the repository root::
 
@@ -38,6 +40,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -113,18 +116,46 @@ def run_epoch(make_epoch: Callable[[], Iterable]) -> tuple[float, int]:
 
 
 class RecordRSS:
-    """A transform that adds the worker's peak RSS so far (bytes) to the data dict (collated with the patches)."""
+    """A transform that adds the worker's memory so far (bytes) to the data dict (collated with the patches).
+
+    ``rss``: the peak RSS (``ru_maxrss``); ``rss_above``: that minus the worker's RSS before its first volume (the
+    interpreter's baseline); ``private_above``: the peak of its unique set size (USS: ``Private_Clean`` +
+    ``Private_Dirty`` of ``/proc/self/smaps_rollup``, the pages no other process maps: what the worker added,
+    copy-on-write copies of its parent's pages included; sampled every 50 ms by a thread, ~2 ms a read) minus its USS
+    at that baseline. RSS also counts the pages of the parent (library code, the parent's heap) that a forked worker
+    maps again, shared with its parent: RSS above baseline overstates what the worker adds, and may understate it
+    when the worker reuses the parent's freed heap.
+    """
 
     def __init__(self, transform: Callable[[Any], Any]) -> None:
-        self.transform, self.base = transform, None
+        self.transform, self.base, self.private_base, self.private_peak = transform, None, 0, 0
 
     def __call__(self, item: Any) -> Any:
         if self.base is None:  # this worker's RSS before its first volume: the interpreter's baseline
-            self.base = current_rss()
+            self.base, self.private_base = current_rss(), private_memory()
+            self.private_peak = self.private_base
+            threading.Thread(target=self._sample, daemon=True).start()
         out = self.transform(item)
         if isinstance(out, dict):
-            out = {**out, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_base": self.base}
+            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            private = max(self.private_peak, private_memory()) - self.private_base
+            out = {**out, "rss": top, "rss_above": top - self.base, "private_above": private}
         return out
+
+    def _sample(self) -> None:
+        while True:
+            self.private_peak = max(self.private_peak, private_memory())
+            time.sleep(0.05)
+
+
+def private_memory() -> int:
+    """This process's unique set size now: pages no other process maps (bytes; Linux ``/proc``, else 0)."""
+    try:
+        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]
+        fields = dict(line.split(":", 1) for line in lines)
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("Private_Clean", "Private_Dirty"))
+    except (OSError, KeyError, ValueError):
+        return 0
 
 
 def current_rss() -> int:
@@ -135,13 +166,24 @@ def current_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_rss(batch: Any) -> tuple[int, int]:
-    """The largest peak RSS recorded in a batch and that worker's baseline (0, 0 when none)."""
-    value = batch.get("rss") if isinstance(batch, dict) else None
-    if value is None:
-        return 0, 0
-    at = int(torch.as_tensor(value).argmax())
-    return int(torch.as_tensor(value)[at]), int(torch.as_tensor(batch["rss_base"])[at])
+def peak_rss(batch: Any) -> tuple[int, int, int]:
+    """The largest ``(rss, rss_above, private_above)`` recorded in a batch, each its own maximum (0s when none)."""
+    if not isinstance(batch, dict) or "rss" not in batch:
+        return 0, 0, 0
+    return tuple(int(torch.as_tensor(batch[k]).max()) for k in ("rss", "rss_above", "private_above"))
+
+
+OURS = "PatchQueue + LoadLazyd, prepared store"
+OURS_ZARR = "PatchQueue + LoadLazyd, prepared store, zarr reads"
+
+
+def zarr_reads(item: dict) -> dict:
+    """Read the store's arrays through ``zarr.Array`` instead of the direct chunk reader (for the paired row)."""
+    import zarr
+
+    for key in KEYS:
+        item[key].array = zarr.open_array(str(item[key].array.path), mode="r")
+    return item
 
 
 def store_loops(files_gz: list, files_nii: list, prepared: list, args: argparse.Namespace, tio: Any) -> dict:
@@ -150,10 +192,15 @@ def store_loops(files_gz: list, files_nii: list, prepared: list, args: argparse.
     from monai.transforms import RandCropByLabelClassesd
 
     sampler = mpp.LabelSampler(args.patch, "label", LABEL_PROBS, keys=KEYS)
-    lazy = RecordRSS(mpp.LoadLazyd(KEYS))
-    queue = mpp.PatchQueue(prepared, args.max_length, args.samples, sampler, transform=lazy, seed=0)
-    loader = DataLoader(queue, batch_size=args.batch, num_workers=args.workers)
-    loops: dict[str, Callable[[], Iterable]] = {"PatchQueue + LoadLazyd, prepared store": lambda: loader}
+    loops: dict[str, Callable[[], Iterable]] = {}
+    for name, load in (
+        (OURS, mpp.LoadLazyd(KEYS, dtype=None)),
+        (OURS_ZARR, Compose([mpp.LoadLazyd(KEYS, dtype=None), zarr_reads])),
+    ):
+        queue = mpp.PatchQueue(prepared, args.max_length, args.samples, sampler, transform=RecordRSS(load), seed=0)
+        loops[name] = lambda q=queue: DataLoader(q, batch_size=args.batch, num_workers=args.workers)
+    if args.only_store:
+        return loops
     for suffix, files in ((".nii.gz", files_gz), (".nii", files_nii)):
         crop = RandCropByLabelClassesd(
             KEYS, "label", [args.patch] * 3, ratios=[LABEL_PROBS[0], LABEL_PROBS[1]], num_classes=2,
@@ -191,7 +238,7 @@ def run_store(args: argparse.Namespace, tio: Any) -> int:
         loops = store_loops(files_gz, files_nii, prepared, args, tio)
         baseline = current_rss()
         times: dict[str, list[float]] = {name: [] for name in loops}
-        peaks: dict[str, tuple[int, int]] = dict.fromkeys(loops, (0, 0))
+        peaks: dict[str, tuple[int, ...]] = dict.fromkeys(loops, (0, 0, 0))
         expected = args.volumes * args.samples
         for round_index in range(1 + args.epochs):
             names = list(loops) if round_index % 2 == 0 else list(loops)[::-1]
@@ -200,12 +247,13 @@ def run_store(args: argparse.Namespace, tio: Any) -> int:
                 for batch in loops[name]():
                     count += int(batch["image"]["data"].shape[0] if isinstance(batch["image"], dict) else
                                  batch["image"].shape[0])  # fmt: skip
-                    peaks[name] = max(peaks[name], peak_rss(batch))
+                    peaks[name] = tuple(map(max, peaks[name], peak_rss(batch)))
                 if count != expected:
                     raise RuntimeError(f"{name}: {count} patches in an epoch, expected {expected}.")
                 if round_index:
                     times[name].append(time.perf_counter() - begin)
     batch_mib = args.batch * args.patch**3 * 5 / 2**20  # float32 image + uint8 label
+    buffer_mib = batch_mib / args.batch * args.max_length
     print(
         f"{args.volumes} cases 1x{'x'.join(map(str, shape))} (float32 image, uint8 label), LabelSampler {args.patch}^3 "
         f"{LABEL_PROBS}, {args.samples} patches/case, batch {args.batch}, {args.workers} workers; median of "
@@ -214,17 +262,22 @@ def run_store(args: argparse.Namespace, tio: Any) -> int:
     )
     ratio = store_bytes / gz_bytes
     print(f"store: {store_bytes / 2**20:.1f} MiB vs .nii.gz {gz_bytes / 2**20:.1f} MiB ({ratio:.2f}x), "
-          f"chunks {args.chunks}^3, prepared in {prepare_s:.1f} s; one batch of patches {batch_mib:.1f} MiB; "
+          f"chunks {args.chunks}^3, prepared in {prepare_s:.1f} s; one batch of patches {batch_mib:.1f} MiB, "
+          f"a worker's buffer of {args.max_length} patches {buffer_mib:.1f} MiB; "
           f"parent process RSS when the workers fork {baseline / 2**20:.0f} MiB; a worker's baseline is its RSS before "
           "its first volume\n")  # fmt: skip
-    ours_s = statistics.median(times["PatchQueue + LoadLazyd, prepared store"])
-    print("| loop | s / epoch | patches / s | ours faster by | peak RSS of a worker (MiB) |")
-    print("|---|---|---|---|---|")
+    ours_s = statistics.median(times[OURS])
+    print("| loop | s / epoch | patches / s | ours faster by | peak RSS of a worker (MiB) | its USS above baseline "
+          "(MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for name, values in times.items():
         seconds = statistics.median(values)
-        top, base = peaks[name]
-        peak = f"{top / 2**20:.0f} ({(top - base) / 2**20:.0f} above its baseline)" if top else "n/a"
-        print(f"| {name} | {seconds:.2f} | {expected / seconds:.1f} | {seconds / ours_s:.2f}x | {peak} |")
+        top, above, private = (v / 2**20 for v in peaks[name])
+        peak = (
+            f"{top:.0f} ({above:.0f} above its baseline, {above - buffer_mib:.0f} beyond the buffer)" if top else "n/a"
+        )
+        private = f"{private:.0f} ({private - buffer_mib:.0f} beyond the buffer)" if top else "n/a"
+        print(f"| {name} | {seconds:.2f} | {expected / seconds:.1f} | {seconds / ours_s:.2f}x | {peak} | {private} |")
     return 0
 
 
@@ -242,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gz", action="store_true", help="write .nii.gz instead of .nii")
     parser.add_argument("--store", action="store_true", help="training from disk: a prepared store vs the files")
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="volume shape (default: --size cubed)")
+    parser.add_argument("--only-store", action="store_true", help="--store: only our two rows (for iterating)")
     parser.add_argument("--chunks", type=int, default=32, help="--store: chunk edge of the prepared store")
     parser.add_argument(
         "--zarr-threads", type=int, default=1, help="--store: zarr reader threads per worker (0: zarr's)"

@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from monai.data.image_reader import NibabelReader, NumpyReader
 from monai.transforms import MapTransform
 
+from .chunks import ChunkReader
 from .label_index import LabelIndex, index_path
 
 __all__ = ["LazyVolume", "LoadLazyd", "open_lazy"]
@@ -104,7 +105,9 @@ class LazyVolume:
         """Read ``self[index]`` (ints and slices over ``(C, *spatial)``) from the wrapped array: only that box.
 
         Returns:
-            A numpy array of its own in ``self.dtype``. Allocates the box (and its cast).
+            A numpy array of its own in ``self.dtype``. Allocates the box (from a
+            :class:`~monai_patchplug.chunks.ChunkReader`: the box, decoded into it, and one chunk; from another
+            array-like: the box as read, and its copy in ``self.dtype``).
         """
         index = index if isinstance(index, tuple) else (index,)
         if any(i is Ellipsis for i in index):
@@ -116,12 +119,14 @@ class LazyVolume:
         keep = [isinstance(i, slice) for i in index]
         boxes = tuple(i if isinstance(i, slice) else slice(int(i), int(i) + 1 or None) for i in index)
         channels, spatial = boxes[0], boxes[1:]
-        if self.channel_dim is None:
+        c, direct = self.channel_dim, isinstance(self.array, ChunkReader)
+        if c is None:
             block = np.asarray(self.array[spatial])[None][channels]
         else:
-            c = self.channel_dim
-            block = np.moveaxis(np.asarray(self.array[(*spatial[:c], channels, *spatial[c:])]), c, 0)
-        block = np.array(block, dtype=self.dtype)  # a copy of its own (a memmap's box must not hold the file)
+            where = (*spatial[:c], channels, *spatial[c:])
+            block = np.moveaxis(self.array.read(where, self.dtype) if direct else np.asarray(self.array[where]), c, 0)
+        if not direct or block.dtype != self.dtype:  # decoded into a box of its own in self.dtype: no copy needed
+            block = np.array(block, dtype=self.dtype)  # a copy of its own (a memmap's box must not hold the file)
         return block[tuple(slice(None) if k else 0 for k in keep)]
 
     def read(self) -> MetaTensor | torch.Tensor:
@@ -155,13 +160,17 @@ def _npy(path: Path, dtype: Any) -> LazyVolume:
 
 
 def _zarr(path: Path, dtype: Any) -> LazyVolume:
-    try:
-        import zarr
-    except ImportError:
-        raise ImportError(
-            f"LoadLazyd: opening {str(path)!r} needs zarr: pip install 'monai_patchplug[outofcore]'."
-        ) from None
-    array = zarr.open_array(str(path), mode="r")
+    """A zarr array as a view: through a :class:`~monai_patchplug.chunks.ChunkReader` (chunk files decoded directly)
+    when its layout allows, else through ``zarr.open_array``."""
+    array: Any = ChunkReader.open(path)
+    if array is None:
+        try:
+            import zarr
+        except ImportError:
+            raise ImportError(
+                f"LoadLazyd: opening {str(path)!r} needs zarr: pip install 'monai_patchplug[outofcore]'."
+            ) from None
+        array = zarr.open_array(str(path), mode="r")
     meta = dict(array.attrs.get("meta", {}))
     if meta.get("original_channel_dim", 0) is None:
         meta["original_channel_dim"] = float("nan")
@@ -178,7 +187,9 @@ def open_lazy(path: str | os.PathLike, dtype: Any = np.float32, label_index: boo
     NIfTI (``.nii``, ``.nii.gz``; via nibabel, with ``LoadImaged``'s metadata): a 3-D image gets a channel in front;
     a 4-D one's last axis is the channel (as ``EnsureChannelFirstd`` does). ``.npy``: memory-mapped, a channel added
     in front (as ``LoadImaged`` + ``EnsureChannelFirstd`` do for an array without channel). ``.zarr``: a
-    channel-first array as :class:`~monai_patchplug.PatchStore` writes it, its metadata from the array's attributes.
+    channel-first array as :class:`~monai_patchplug.PatchStore` writes it, its metadata from the array's attributes;
+    its boxes are decoded from the chunk files directly (:class:`~monai_patchplug.chunks.ChunkReader`) when its layout
+    allows (zarr format 3, bytes + blosc/zstd or no codec: what ``PatchStore`` writes), else read by zarr.
 
     Args:
         path: the file (or zarr directory).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import pickle
 import weakref
@@ -212,6 +213,22 @@ def test_buffer_never_holds_more_than_max_length(max_length, samples):
     assert max(peaks) == max_length and len(live) == 0
 
 
+def record_freeze_count(item: dict) -> dict:
+    """Adds how many objects the garbage collector has frozen in this process (a DataLoader worker, or this one)."""
+    return {**item, "frozen": gc.get_freeze_count()}
+
+
+def test_a_worker_freezes_the_objects_it_inherits_and_the_main_process_does_not():
+    before = gc.get_freeze_count()
+    sampler = mpp.UniformSampler(4, keys=["image", "label"])
+    in_process = mpp.PatchQueue(volumes(2), 4, 2, sampler, transform=record_freeze_count, seed=0)
+    assert [int(b["frozen"][0]) for b in DataLoader(in_process, batch_size=4, num_workers=0)] == [before]
+    assert gc.get_freeze_count() == before
+    in_worker = mpp.PatchQueue(volumes(2), 4, 2, sampler, transform=record_freeze_count, seed=0)
+    frozen = [int(b["frozen"][0]) for b in DataLoader(in_worker, batch_size=4, num_workers=1)]
+    assert len(frozen) == 1 and frozen[0] > before  # the parent's objects, frozen before the worker's first volume
+
+
 class CountCalls(MapTransform):
     calls = 0
 
@@ -288,22 +305,33 @@ def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
 
 
 def test_bundle_config_builds_the_queue(nifti_files):
-    config = json.loads(json.dumps({
-        "files": nifti_files,
-        "queue": {
-            "_target_": "monai_patchplug.PatchQueue",
-            "data": "@files",
-            "max_length": 8,
-            "samples_per_volume": 2,
-            "sampler": {"_target_": "monai_patchplug.LabelSampler", "patch_size": 4, "label_name": "label",
-                        "label_probabilities": {"0": 1, "3": 1}},
-            "transform": {"_target_": "Compose", "transforms": [
-                {"_target_": "LoadImaged", "keys": ["image", "label"], "image_only": True},
-                {"_target_": "EnsureChannelFirstd", "keys": ["image", "label"]},
-            ]},
-            "seed": 0,
-        },
-    }))
+    config = json.loads(
+        json.dumps(
+            {
+                "files": nifti_files,
+                "queue": {
+                    "_target_": "monai_patchplug.PatchQueue",
+                    "data": "@files",
+                    "max_length": 8,
+                    "samples_per_volume": 2,
+                    "sampler": {
+                        "_target_": "monai_patchplug.LabelSampler",
+                        "patch_size": 4,
+                        "label_name": "label",
+                        "label_probabilities": {"0": 1, "3": 1},
+                    },
+                    "transform": {
+                        "_target_": "Compose",
+                        "transforms": [
+                            {"_target_": "LoadImaged", "keys": ["image", "label"], "image_only": True},
+                            {"_target_": "EnsureChannelFirstd", "keys": ["image", "label"]},
+                        ],
+                    },
+                    "seed": 0,
+                },
+            }
+        )
+    )
     parser = ConfigParser(config)
     q = parser.get_parsed_content("queue")
     batches = list(DataLoader(q, batch_size=4))
