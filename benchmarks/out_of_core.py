@@ -21,6 +21,8 @@ Run from the repository root (needs ``pip install -e ".[outofcore]"``)::
     python benchmarks/out_of_core.py                  # 1024x1024x512, identity network
     python benchmarks/out_of_core.py --net conv
     python benchmarks/out_of_core.py --quick          # 128x96x64 (smoke test)
+    python benchmarks/out_of_core.py --rows memmap zarr memory    # only these rows (``parts``: the parts table)
+    python benchmarks/out_of_core.py --shape 256 1024 512 --warm-up  # fewer rows; runtime warmed up first
 """
 
 from __future__ import annotations
@@ -42,13 +44,22 @@ from inference import _release_and_reset_peak, _status_kib
 import monai_patchplug as mpp
 
 PATCH, OVERLAP, BATCH = 64, 16, 4
+RUNS = {
+    "memmap-memory": "GridInferer, memmap in, output in memory",
+    "memmap": "GridInferer, memmap in, zarr out",
+    "zarr": "GridInferer, zarr in, zarr out",
+    "memory": "GridInferer, in memory",
+    "monai": "SlidingWindowInferer, in memory",
+}
 
 
 class Counting:
-    """An array-like that counts the bytes read through it."""
+    """An array-like that counts the bytes read through it, presenting the array's chunks (a zarr store's) as its
+    own, so that it is read in chunk-aligned pieces as the store itself would be."""
 
     def __init__(self, array) -> None:
         self.array, self.shape, self.dtype, self.bytes = array, array.shape, array.dtype, 0
+        self.chunks = getattr(array, "chunks", None)
 
     def __getitem__(self, index):
         block = np.asarray(self.array[index])
@@ -88,17 +99,33 @@ def _reset() -> int:
     return _status_kib("VmRSS")
 
 
-def child(which: str, folder: str, net: str, part: str) -> dict:
-    """One row, in this (fresh) process."""
+def warm_up(model) -> None:
+    """Small runs through the same code paths (lazy in, zarr and array out; in memory), so that the runtime's one-time
+    costs (torch's and zarr's thread pools, first-use allocations), which do not grow with the volume, are paid before
+    the baseline."""
+    small = np.ones((80, 80, 80), np.float32)
+    store = zarr.zeros((1, 1, 80, 80, 80), chunks=(1, 1, 16, 40, 40), dtype="f4")
+    store[:] = 1.0
+    inferer = mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH, output=np.zeros((1, 1, 80, 80, 80), "f4"))
+    inferer(Counting(store), model)
+    mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH, output=store)(mpp.lazy_batch(small), model)
+    mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH)(torch.from_numpy(small)[None, None], model)
+
+
+def child(which: str, folder: str, net: str, part: str, warm: str = "cold") -> dict:
+    """One row, in this (fresh) process (``warm``: after :func:`warm_up`)."""
     model = network(net)
     shape = tuple(np.load(f"{folder}/x.npy", mmap_mode="r").shape[2:])
     result: dict = {}
+    if which == "part":
+        torch.set_num_threads(1)
     with torch.no_grad():
+        if warm == "warm":
+            warm_up(model)
         if which in ("memmap", "memmap-memory", "zarr", "part"):
             source = np.load(f"{folder}/x.npy", mmap_mode="r") if which != "zarr" else zarr.open(f"{folder}/x.zarr")
             counted = Counting(source)
             k, n = (int(v) for v in part.split("/")) if which == "part" else (0, 1)
-            torch.set_num_threads(1) if which == "part" else None
             if which == "memmap-memory":
                 out = torch.empty((1, 1, *shape))
             else:
@@ -128,8 +155,8 @@ def child(which: str, folder: str, net: str, part: str) -> dict:
     return result
 
 
-def spawn(which: str, folder: str, net: str, part: str = "0/1") -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--child", which, folder, net, part]
+def spawn(which: str, folder: str, net: str, part: str = "0/1", warm: bool = False) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--child", which, folder, net, part, "warm" if warm else "cold"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # every large buffer its own mapping: RSS = live memory
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -146,12 +173,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--net", default="identity", choices=("identity", "conv"))
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", nargs="+", choices=[*RUNS, "parts"], default=[*RUNS, "parts"],
+                        help="the rows to run (default: all; parts: the parts table)")  # fmt: skip
+    parser.add_argument("--shape", nargs=3, type=int, default=(1024, 1024, 512), help="the input's spatial shape")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="pay the runtime's one-time costs (thread pools, first-use allocations) before each "
+                        "row's baseline, so that the peak counts only what grows with the volume")  # fmt: skip
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return 0
-    shape = (128, 96, 64) if args.quick else (1024, 1024, 512)
+    shape = (128, 96, 64) if args.quick else tuple(args.shape)
     folder = tempfile.mkdtemp(prefix="mpp-ooc-")
     try:
         make_input(folder, shape)
@@ -160,26 +193,25 @@ def main() -> int:
         floor = (PATCH * plane * 4 * 2 + BATCH * 2 * PATCH**3 * 4) / 2**20  # input and output row slabs, one batch
         print(f"# out of core: 1x1x{'x'.join(map(str, shape))} float32 ({gib:.2f} GiB), {PATCH}^3 patches, overlap "
               f"{OVERLAP}, hann, batch {BATCH}, {args.net} network; floor of a row-streaming design {floor:.0f} MiB "
-              f"(input row slab + output row slab + one batch)")  # fmt: skip
+              f"(input row slab + output row slab + one batch)"
+              f"{'; the runtime warmed up before each baseline' if args.warm_up else ''}")  # fmt: skip
         print()
         print("| run | wall (s) | peak RSS above baseline (MiB) | peak / floor | read / input |")
         print("|---|---|---|---|---|")
         rows = {}
-        runs = {
-            "memmap-memory": "GridInferer, memmap in, output in memory",
-            "memmap": "GridInferer, memmap in, zarr out",
-            "zarr": "GridInferer, zarr in, zarr out",
-            "memory": "GridInferer, in memory",
-            "monai": "SlidingWindowInferer, in memory",
-        }
-        for which, label in runs.items():
-            rows[which] = r = collect(spawn(which, folder, args.net))
+        for which, label in RUNS.items():
+            if which not in args.rows:
+                continue
+            rows[which] = r = collect(spawn(which, folder, args.net, warm=args.warm_up))
             read = f"{r['read'] / (gib * 2**30):.3f}" if "read" in r else ""
             print(f"| {label} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / floor:.2f} | {read} |")
         print()
-        ratio = rows["memmap-memory"]["seconds"] / rows["memory"]["seconds"]
-        print(f"lazy input (memmap, output in memory) / in-memory GridInferer wall time: {ratio:.2f}")
-        print()
+        if "memmap-memory" in rows and "memory" in rows:
+            ratio = rows["memmap-memory"]["seconds"] / rows["memory"]["seconds"]
+            print(f"lazy input (memmap, output in memory) / in-memory GridInferer wall time: {ratio:.2f}")
+            print()
+        if "parts" not in args.rows:
+            return 0
         print(f"# parts: each part a process with one torch thread, {args.cores} at once, into one zarr store "
               "(memmap input); wall time of the whole job")  # fmt: skip
         print()
@@ -192,7 +224,8 @@ def main() -> int:
             results = []
             for first in range(0, n, args.cores):
                 running = [
-                    spawn("part", folder, args.net, f"{k}/{n}") for k in range(first, min(n, first + args.cores))
+                    spawn("part", folder, args.net, f"{k}/{n}", args.warm_up)
+                    for k in range(first, min(n, first + args.cores))
                 ]
                 results += [collect(p) for p in running]
             wall = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Mapping, Sequence
 from numbers import Integral
 from typing import Any
@@ -263,3 +264,60 @@ def torch_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+
+
+#: bytes that one read or write of a chunked array-like (zarr, h5py, dask) asks for at most, beyond one chunk: its
+#: codec holds the chunks it decodes or encodes at once, so rows are read and written in chunk-aligned pieces
+PIECE_BYTES = 1 << 23
+
+
+def _chunk_edges(chunks: Any, size: int) -> np.ndarray:
+    """The chunk boundaries of one axis of ``size``, 0 and ``size`` included, from its ``chunks`` entry (an int, as
+    zarr and h5py give, or a sequence of chunk sizes, as dask gives; ``None``: one chunk). Allocates the edges."""
+    if chunks is None:
+        return np.array([0, size])
+    if isinstance(chunks, int | np.integer):
+        return np.unique(np.r_[np.arange(0, size, max(int(chunks), 1)), size])
+    return np.unique(np.clip(np.r_[0, np.cumsum(chunks), size], 0, size))
+
+
+def chunk_pieces(
+    chunks: Any, shape: Sequence[int], rows: int, budget: int
+) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """Chunk-aligned pieces in which to read or write rows of an array-like's last ``len(shape)`` axes.
+
+    A read or write of rows is cut at the chunk edges of the first axis, and covers one tile of the other axes at a
+    time. Tiles start as one chunk per axis and grow, last axis first (the contiguous one), while a tile of ``rows``
+    rows (fewer when a chunk holds fewer) stays within ``budget`` voxels; without chunks: one tile, rows uncut.
+
+    Args:
+        chunks: the array-like's ``chunks`` attribute (one entry per dim; the last ``len(shape)`` are used), or
+            ``None`` or anything else for an unchunked one (a memmap, a tensor).
+        shape: the sizes of those axes.
+        rows: the rows a piece holds at most.
+        budget: the voxels (of all leading axes together) a piece may hold, beyond one chunk.
+
+    Returns:
+        The chunk edges of the first axis (0 and its size included) and the tiles (slices of the other axes);
+        allocates them.
+
+    Example:
+        >>> edges, tiles = chunk_pieces((1, 1, 64, 256, 256), (128, 512, 256), 64, 64 * 256 * 256)
+        >>> edges.tolist(), tiles
+        ([0, 64, 128], [(slice(0, 256, None), slice(0, 256, None)), (slice(256, 512, None), slice(0, 256, None))])
+    """
+    ndim = len(shape)
+    if not isinstance(chunks, tuple | list) or len(chunks) < ndim:
+        chunks = (None,) * ndim
+    edges = [_chunk_edges(c, int(n)) for c, n in zip(chunks[len(chunks) - ndim :], shape)]
+    rows = min(int(np.diff(edges[0]).max()), rows)
+    cuts = list(edges[1:])
+    tile = rows * int(np.prod([np.diff(e).max() for e in cuts]))  # voxels of a piece: one chunk per axis to start
+    for axis in reversed(range(len(cuts))):
+        width = int(np.diff(cuts[axis]).max())
+        cuts[axis] = np.unique(np.r_[cuts[axis][:: max(budget // tile, 1)], cuts[axis][-1]])  # the chunks that fit
+        if len(cuts[axis]) > 2:  # this axis is cut: the axes before it stay one chunk per tile
+            break
+        tile = tile // width * int(cuts[axis][-1])
+    spans = [[slice(int(a), int(b)) for a, b in zip(c[:-1], c[1:])] for c in cuts]
+    return edges[0], list(itertools.product(*spans))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import monai_patchplug as mpp
+from monai_patchplug.inference import inputs
 from monai_patchplug.inference.parts import remaining_rows
 
 MODES = ["crop", "average", "hann", "gaussian"]
@@ -20,6 +23,10 @@ MODES = ["crop", "average", "hann", "gaussian"]
 
 def pointwise(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x * x, x * 3 - 1, -x], 1)
+
+
+def argmax_u8(slab: torch.Tensor) -> torch.Tensor:
+    return slab.argmax(0, keepdim=True).to(torch.uint8)
 
 
 class CountingArray:
@@ -54,6 +61,68 @@ def test_a_lazy_input_gives_the_in_memory_result_reading_each_voxel_about_once(s
     assert counted.bytes <= 1.1 * x.nbytes + 2 * 6 * x[0].nbytes / shape[0]  # reflect/wrap borders reread a few rows
     rows_per_read = 6 + 2 * 2  # a row of patches (6 rows) and what a batch spanning two rows adds
     assert counted.largest <= rows_per_read * x.nbytes / (2 * shape[0])
+
+
+class Pointwise(torch.nn.Module):
+    """:func:`pointwise` as a module, so that a forward hook can be registered on it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise(x)
+
+
+class ChunkedArray(CountingArray):
+    """A :class:`CountingArray` that says it is stored in ``chunks`` (one entry per dim), as zarr does."""
+
+    def __init__(self, array: np.ndarray, chunks: tuple[int, ...]) -> None:
+        super().__init__(array)
+        self.chunks = chunks
+
+
+@st.composite
+def lazy_cases(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(2, 13), min_size=ndim, max_size=ndim)))
+    patch = tuple(draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim)))
+    overlap = tuple(draw(st.integers(0, p - 1)) for p in patch)
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 3)), *shape), patch, overlap
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=lazy_cases(),
+    mode=st.sampled_from(["crop", "hann"]),
+    padding=st.sampled_from(
+        [None, 0, 1.5, "constant", "reflect", "edge", "replicate", "symmetric", "wrap", "circular"]
+    ),
+    batch=st.integers(1, 9),
+    hooked=st.booleans(),
+    chunks=st.none() | st.lists(st.integers(1, 5), min_size=3, max_size=3),
+)
+def test_a_lazy_input_gives_exactly_the_in_memory_result(case, mode, padding, batch, hooked, chunks):
+    """The slab is overwritten in place as rows of patches advance: batches straddling rows, every padding mode, the
+    reused batch buffer and fresh batches (a forward hook), reads cut into chunk-aligned pieces, must all see the
+    patches an in-memory input gives."""
+    shape, patch, overlap = case
+    x = np.random.default_rng(7).random(shape, dtype=np.float32)
+    network = Pointwise()
+    if hooked:
+        network.register_forward_hook(lambda module, args, out: None)
+    inferer = mpp.GridInferer(patch, overlap, mode, batch_size=batch, padding_mode=padding)
+    try:
+        expected = inferer(torch.from_numpy(x), network)
+    except ValueError as error:  # a reflect/circular pad wider than the axis
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            inferer(CountingArray(x), network)
+        return
+    counted = CountingArray(x) if chunks is None else ChunkedArray(x, (1, 1, *chunks[: len(shape) - 2]))
+    with mock.patch.object(inputs, "PIECE_BYTES", 8 * x.itemsize * shape[1]):  # pieces of a few chunks
+        assert torch.equal(inferer(counted, network), expected)
+    plain = CountingArray(x)
+    inferer(plain, network)
+    assert counted.bytes == plain.bytes  # cut into pieces or not, the same voxels are read
+    if chunks is not None:  # a read's rows lie in one chunk
+        assert all(a // chunks[0] == (b - 1) // chunks[0] for a, b in counted.rows)
+    assert torch.equal(inferer(mpp.lazy_batch(x[0, 0]), network), inferer(torch.from_numpy(x[:1, :1]), network))
 
 
 def test_lazy_inputs_read_row_by_row_in_grid_order():
@@ -239,3 +308,91 @@ def test_a_resumed_lazy_run_reads_the_rows_it_skips_to(tmp_path):
     mpp.GridInferer(16, 4, "hann", batch_size=4, output=out, resume=str(tmp_path / "m"))(counted, pointwise)
     assert min(a for a, _ in counted.rows[1:]) > 0  # past the probe, it started beyond the first rows
     torch.testing.assert_close(out, expected)
+
+
+def _tissue_score(x: torch.Tensor) -> torch.Tensor:
+    """A 2-D "network" on uint8 RGB patches: one channel in [0, 200]."""
+    return x.float().mean(1, keepdim=True) * (200 / 255)
+
+
+def _labels(slab: torch.Tensor) -> torch.Tensor:
+    return slab.round().clamp(0, 255).to(torch.uint8)
+
+
+def test_a_whole_slide_image_on_disk_reads_only_the_rows_of_its_tissue(tmp_path):
+    """A (1, 3, H, W) uint8 memmap, a tissue mask at 1/16 keeping 1/64 of the area, uint8 labels into a memmap."""
+    h, w, patch, overlap, fill = 512, 384, 64, 16, 250.0
+    rng = np.random.default_rng(8)
+    image = np.lib.format.open_memmap(tmp_path / "slide.npy", mode="w+", dtype=np.uint8, shape=(1, 3, h, w))
+    image[:] = rng.integers(0, 256, (1, 3, h, w), dtype=np.uint8)
+    yy, xx = np.mgrid[: h // 16, : w // 16]
+    mask = (yy - 20) ** 2 + (xx - 9) ** 2 <= 4  # a blob of 13 mask voxels: 13 / (32 * 24), about 1/64 of the area
+    assert 1 / 80 < mask.mean() < 1 / 50
+    kwargs = dict(batch_size=3, roi_mask=torch.from_numpy(mask), fill_value=fill, postprocess=_labels)
+    labels = np.lib.format.open_memmap(tmp_path / "labels.npy", mode="w+", dtype=np.uint8, shape=(1, 1, h, w))
+    labels[:] = 7
+    counted = CountingArray(image)
+    mpp.GridInferer(patch, overlap, output=labels, **kwargs)(counted, _tissue_score)
+    expected = mpp.GridInferer(patch, overlap, **kwargs)(torch.from_numpy(np.array(image)), _tissue_score)
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), expected.numpy())
+    again = np.zeros((1, 1, h, w), np.uint8)
+    mpp.GridInferer(patch, overlap, output=again, **kwargs)(image, _tissue_score)  # the bare memmap
+    assert np.array_equal(again, expected.numpy())
+    geometry = mpp.GridInferer(patch, overlap).geometry((h, w))
+    full = mask.repeat(16, 0).repeat(16, 1)
+    covered, rows = np.zeros((h, w), bool), np.zeros(h, bool)
+    for corner in geometry.corner_array():
+        box = tuple(slice(c, c + patch) for c in corner)  # no padding: padded and input coordinates agree
+        if full[box].any():
+            covered[box] = rows[box[0]] = True
+    assert np.all(labels[0, 0][~covered] == fill)  # where only skipped patches reach: the fill, postprocessed
+    assert np.all(labels[0, 0][full] < fill)  # the tissue: the network's labels
+    row_bytes = image[0, :, 0].nbytes
+    assert counted.bytes <= 1.1 * rows.sum() * row_bytes  # the rows the kept patches need, about once
+    assert counted.bytes < image.nbytes / 2 and min(a for a, _ in counted.rows) >= np.argmax(rows)
+
+
+def test_a_chunked_input_is_read_in_chunk_aligned_pieces_of_bounded_size():
+    class Store:  # the benchmark's input: 2 GiB of float32 in 16 MiB chunks
+        shape, dtype, chunks = (1, 1, 1024, 1024, 512), np.float32, (1, 1, 64, 256, 256)
+
+    source = inputs.LazySource(Store(), mpp.GridInferer(64, 16).geometry(Store.shape[2:]), "constant", {}, "test")
+    assert source.row_edges.tolist() == list(range(0, 1025, 64))  # a read of rows stays in one chunk row
+    sizes = {(one.stop - one.start, two.stop - two.start) for one, two in source.tiles}
+    assert len(source.tiles) == 8 and sizes == {(256, 256)}  # one chunk each: a chunk of rows is over PIECE_BYTES
+
+    class Slide:  # a whole-slide image: small chunks are grouped along the last axis
+        shape, dtype, chunks = (1, 3, 40000, 40000), np.uint8, (1, 3, 512, 512)
+
+    source = inputs.LazySource(Slide(), mpp.GridInferer(256, 32).geometry(Slide.shape[2:]), "constant", {}, "test")
+    width = inputs.PIECE_BYTES // (3 * 256) // 512 * 512  # whole chunks: a tile of 256 rows within the budget
+    assert [(t[0].start, t[0].stop) for t in source.tiles] == [
+        (a, min(a + width, 40000)) for a in range(0, 40000, width)
+    ]
+    source = inputs.LazySource(np.zeros((1, 1, 30, 20)), mpp.GridInferer(8).geometry((30, 20)), "constant", {}, "t")
+    assert source.row_edges.tolist() == [0, 30] and source.tiles == [(slice(0, 20),)]  # no chunks: rows read whole
+
+
+def test_a_zarr_input_gives_exactly_the_in_memory_result(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x = np.random.default_rng(9).random((1, 2, 40, 30, 20), dtype=np.float32)
+    store = zarr.open(str(tmp_path / "x.zarr"), mode="w", shape=x.shape, chunks=(1, 2, 8, 16, 10), dtype="f4")
+    store[:] = x
+    inferer = mpp.GridInferer(12, 4, "hann", batch_size=5, padding_mode="reflect")
+    two_chunks = 2 * 4 * 8 * (16 * 10) * 2  # channels x itemsize x chunk rows x two chunks' voxels
+    with mock.patch.object(inputs, "PIECE_BYTES", two_chunks):  # tiles of two chunks
+        tiles = inputs.LazySource(store, inferer.geometry((40, 30, 20)), "reflect", {}, "test").tiles
+        assert tiles == [(slice(0, 16), slice(0, 20)), (slice(16, 30), slice(0, 20))]
+        got = inferer(store, pointwise)
+    assert torch.equal(got, inferer(torch.from_numpy(x), pointwise))
+    last = zarr.open(str(tmp_path / "last.zarr"), mode="w", shape=(40, 30, 20, 2), chunks=(8, 16, 10, 2), dtype="f4")
+    last[:] = np.moveaxis(x[0], 0, -1)
+    batch = mpp.lazy_batch(last, channel_dim=-1)
+    assert batch.chunks == (1, 2, 8, 16, 10)
+    labels = zarr.open(
+        str(tmp_path / "y.zarr"), mode="w", shape=(1, 1, 40, 30, 20), chunks=(1, 1, 8, 30, 20), dtype="u1"
+    )
+    argmax = mpp.GridInferer(12, 4, "hann", batch_size=5, padding_mode="reflect", output=labels, postprocess=argmax_u8)
+    with mock.patch.object(inputs, "PIECE_BYTES", two_chunks):
+        argmax(batch, pointwise)
+    assert np.array_equal(labels[:], argmax_u8(got[0]).numpy()[None])

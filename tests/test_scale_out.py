@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import monai_patchplug as mpp
-from monai_patchplug.inference.blend import BlendPlan
+from monai_patchplug.inference import sinks
+from monai_patchplug.inference.blend import BlendPlan, zeros_volume
 from monai_patchplug.inference.roi import patches_in_roi
 from monai_patchplug.inference.sinks import SlabSink
 
@@ -155,6 +156,102 @@ def test_slab_sink_holds_at_most_one_row_of_patches(mode):
         writer.add(image[(slice(None), *box)][None], [index])
         live.append(sum(b.shape[1] for b in writer._buffers.values()))
     assert writer.finish() is out and max(live) <= 6
+    torch.testing.assert_close(out, image)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_slab_sink_reuses_the_accumulators_of_written_segments(mode, masked, monkeypatch):
+    """Segments have few heights: a written segment's accumulator is zeroed and reused, with bit-identical results."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 61, 9, 7, generator=generator)
+    mask = (torch.rand(2, 1, 61, 9, 7, generator=generator) < 0.02) if masked else None
+    kwargs = dict(overlap_mode=mode, batch_size=3, roi_mask=mask, fill_value=-1.0)
+    allocated = []
+
+    def zeros(shape, dtype, device):
+        allocated.append(tuple(shape))
+        return zeros_volume(shape, dtype, device)
+
+    monkeypatch.setattr(sinks, "zeros_volume", zeros)
+    out = np.full((2, 3, 61, 9, 7), np.nan, np.float32)  # an array: written from accumulators
+    mpp.GridInferer(6, 2, **kwargs, output=out)(x, pointwise)
+    reused = len(allocated)
+    allocated.clear()
+    monkeypatch.setattr(sinks.SlabSink, "_keep", lambda self, s: False)  # every accumulator new
+    fresh = np.full_like(out, np.nan)
+    mpp.GridInferer(6, 2, **kwargs, output=fresh)(x, pointwise)
+    assert np.array_equal(out, fresh)
+    assert len(allocated) >= 2 * 15 and reused <= 2 * 7  # one accumulator per segment, against one per height
+    if not masked:  # the fill of skipped patches is added in another order in memory
+        assert np.array_equal(out, mpp.GridInferer(6, 2, **kwargs)(x, pointwise).numpy())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_tensor_destination_is_its_own_accumulator(mode, masked, monkeypatch):
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 1, 37, 9, 7, generator=generator)
+    mask = (torch.rand(2, 1, 37, 9, 7, generator=generator) < 0.03) if masked else None
+    kwargs = dict(overlap_mode=mode, batch_size=4, roi_mask=mask, fill_value=-1.0)
+    copied = np.full((2, 3, 37, 9, 7), np.nan, np.float32)
+    mpp.GridInferer(6, 2, **kwargs, output=copied)(x, pointwise)
+    monkeypatch.setattr(sinks, "zeros_volume", lambda *args: pytest.fail("an accumulator was allocated"))
+    out = torch.full((2, 3, 37, 9, 7), float("nan"))
+    assert mpp.GridInferer(6, 2, **kwargs, output=out)(x, pointwise) is out
+    assert np.array_equal(out.numpy(), copied)
+    wider = torch.zeros((2, 3, 37, 9, 7), dtype=torch.float64)  # not the accumulator dtype: written from one
+    with pytest.raises(pytest.fail.Exception, match="an accumulator was allocated"):
+        mpp.GridInferer(6, 2, **kwargs, output=wider)(x, pointwise)
+
+
+class ChunkedDestination(RecordingArray):
+    """A :class:`RecordingArray` stored in ``chunks``, as a zarr array: it records the index of every write."""
+
+    def __init__(self, shape, dtype, chunks) -> None:
+        super().__init__(shape, dtype)
+        self.chunks, self.indices = chunks, []
+
+    def __setitem__(self, index, value) -> None:
+        self.indices.append(index)
+        super().__setitem__(index, value)
+
+
+@pytest.mark.parametrize("postprocess", [None, argmax_u8])
+def test_a_chunked_destination_gets_chunk_aligned_writes(postprocess, monkeypatch):
+    channels, dtype = (3, np.float32) if postprocess is None else (1, np.uint8)
+    monkeypatch.setattr(sinks, "_CHUNK", 3 * 2 * 18 * 15)  # postprocess sees two rows at a time
+    monkeypatch.setattr(sinks, "PIECE_BYTES", 5 * 6 * 15 * channels * np.dtype(dtype).itemsize)  # tiles of a chunk
+    x = torch.randn(1, 1, 40, 18, 15, generator=torch.Generator().manual_seed(5))
+    inferer = mpp.GridInferer(8, 2, "hann", batch_size=3, postprocess=postprocess)
+    destination = ChunkedDestination((1, channels, 40, 18, 15), dtype, (1, channels, 5, 6, 15))
+    mpp.GridInferer(8, 2, "hann", batch_size=3, output=destination, postprocess=postprocess)(x, pointwise)
+    expected = inferer(x, pointwise)
+    assert np.array_equal(destination.data, expected.numpy())
+    written = np.zeros((40, 18), int)
+    for _, _, rows, cols, depth in destination.indices:
+        assert rows.start // 5 == (rows.stop - 1) // 5  # within one chunk row: no chunk is read back
+        assert cols.start % 6 == 0 and cols.stop - cols.start <= 6 and depth == slice(0, 15)
+        written[rows, cols] += 1
+    assert (written == 1).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_slab_sink_keeps_only_the_accumulators_it_will_reuse(mode):
+    """The accumulators in use and those kept for reuse never cover more output rows than one patch row."""
+    sampler = mpp.GridSampler((6, 5, 4), (2, 1, 1))
+    geometry = sampler.plan((29, 11, 9))
+    plan = BlendPlan(geometry, mode, geometry.patch_size)
+    out = torch.zeros(1, 29, 11, 9)
+    writer = SlabSink(plan, 1, torch.float32, torch.device("cpu"), out)
+    image = torch.randn(1, 29, 11, 9)
+    held = []
+    for index in itertools.product(*[range(n) for n in geometry.grid_shape]):
+        box = tuple(slice(c[j], c[j] + p) for c, j, p in zip(geometry.corners, index, geometry.patch_size))
+        writer.add(image[(slice(None), *box)][None], [index])
+        buffers = [*writer._buffers.values(), *(b for pooled in writer._pool.values() for b in pooled)]
+        held.append(sum(b.shape[1] for b in buffers))
+    assert writer.finish() is out and max(held) <= 6 and held[-1] == 0
     torch.testing.assert_close(out, image)
 
 

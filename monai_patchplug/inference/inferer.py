@@ -129,7 +129,9 @@ class _Batches:
     Every batch is stacked into one buffer, allocated at the first batch and refilled for every call (fresh large
     allocations cost page faults on every batch). Every batch is a new tensor instead while
     autograd records (the input, or the first batch's outputs, require grad), and whenever the network is an
-    ``nn.Module`` with forward hooks, since a hook may keep the batch it sees.
+    ``nn.Module`` with forward hooks, since a hook may keep the batch it sees. The patches of an in-memory source are
+    views that stay valid, stacked at once; those of a lazy source are views of a slab that the next patch may
+    overwrite (a batch may straddle two rows of patches), so each is copied into the batch as soon as it is read.
     """
 
     def __init__(self, job: _Job, size: int, networks: Sequence[Any]) -> None:
@@ -142,18 +144,34 @@ class _Batches:
         return -(-len(self.job.mine) // self.size)
 
     def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor]]:
-        job = self.job
-        n = job.geometry.num_patches
-        for first in range(0, len(job.mine), self.size):
-            chunk = job.mine[first : first + self.size]
-            views = [job.source.patch(k // n, job.boxes[k % n]) for k in chunk]
-            if self.graph or self.hooked:
-                yield chunk, torch.stack(views)
-                continue
-            if self.buffer is None:
-                shape = (min(self.size, len(job.mine)), views[0].shape[0], *job.geometry.patch_size)
-                self.buffer = views[0].new_empty(shape)
-            yield chunk, torch.stack(views, out=self.buffer[: len(chunk)])
+        for first in range(0, len(self.job.mine), self.size):
+            chunk = self.job.mine[first : first + self.size]
+            yield chunk, self._batch(chunk)
+
+    def _batch(self, chunk: list[int]) -> torch.Tensor:
+        """The ``(len(chunk), C, *patch)`` batch of the patches at flat indices ``chunk``: the shared buffer's first
+        rows, or a new tensor while autograd records or hooks may keep it (allocates it, or the buffer at the first
+        batch)."""
+        job, n = self.job, self.job.geometry.num_patches
+        fresh = self.graph or self.hooked
+        views = (job.source.patch(k // n, job.boxes[k % n]) for k in chunk)
+        if job.source.stable_views:
+            stacked = list(views)
+            return torch.stack(stacked) if fresh else torch.stack(stacked, out=self._out(stacked[0], len(chunk)))
+        batch = None
+        for i, view in enumerate(views):
+            if batch is None:
+                batch = view.new_empty((len(chunk), *view.shape)) if fresh else self._out(view, len(chunk))
+            batch[i].copy_(view)
+        assert batch is not None
+        return batch
+
+    def _out(self, patch: torch.Tensor, count: int) -> torch.Tensor:
+        """The shared buffer's first ``count`` patches, the buffer allocated at first use (as many patches as a batch
+        of this call holds, each shaped and typed as ``patch``)."""
+        if self.buffer is None:
+            self.buffer = patch.new_empty((min(self.size, len(self.job.mine)), *patch.shape))
+        return self.buffer[:count]
 
     def note(self, outputs: Sequence[torch.Tensor]) -> None:
         """Note whether autograd records the network (then every batch stays a new tensor)."""
@@ -219,13 +237,14 @@ class GridInferer(Inferer):
         ensemble_weights: with a list of networks given to the call (an ensemble, e.g. one per fold), one weight per
             network (``None``: equal weights). The networks' outputs are averaged per patch; with ``sw_device`` one
             device per network, every device gets its batch before any result is waited for.
-        accumulate_dtype: ``torch.float16``, ``torch.bfloat16`` or ``torch.float32`` (also by name): the dtype the
-            output is accumulated in (``None``: float32, or float64 for float64/wide integer outputs; ``crop``
-            keeps the network's dtype). Half precision halves the accumulator memory; ``average``/``hann`` add each
-            patch times its weight divided by the grid's summed weights (a running convex combination, never above
-            the largest logit), and a float16 result that overflowed raises. The returned volume takes the network's
-            dtype again (a converted copy at the end, unless streaming), so the saving is largest with a half
-            precision network or with ``output=``/``postprocess=``.
+        accumulate_dtype: ``torch.float16``, ``torch.bfloat16`` or ``torch.float32`` (also by name): the dtype of the
+            volume the output is aggregated into (``None``: float32, or float64 for float64/wide integer outputs;
+            ``crop`` keeps the network's dtype). Half precision halves that volume: the blending modes sum the
+            patches in float32 slabs of the rows still open (about one row of patches) and round each finished
+            voxel once into the half volume (nnU-Net's float16 accumulator rounds at every add); a float16 result
+            that overflowed raises. The returned volume takes the network's dtype again (a converted copy at the
+            end, unless streaming), so the saving is largest with a half precision network or with
+            ``output=``/``postprocess=`` (whose slabs are then float32 too).
         output_margin: valid convolutions: the network returns each patch less this margin on every side (an int or
             one per spatial dim; e.g. 96^3 in, 88^3 out for 4). The output lands where it belongs and the volume keeps
             the input's shape; the input is padded by the margin (``padding_mode``, zeros by default), so border

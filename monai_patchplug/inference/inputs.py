@@ -3,20 +3,21 @@
 An *array-like* is anything with ``shape``, ``dtype`` and ``__getitem__`` taking a tuple of slices and returning a
 numpy array or a tensor: ``numpy.memmap``, ``zarr.Array``, ``h5py.Dataset``, a dask array, or :func:`lazy_batch`
 over nibabel's ``img.dataobj``. It is never read whole: :class:`LazySource` reads the rows of the first spatial
-axis that the current row of patches covers (padding made in memory), and keeps them only as long as a later row of
-patches shares them, so each input voxel is read about once.
+axis that the current row of patches covers into one preallocated slab (padding made in place), in chunk-aligned
+pieces when the array-like is chunked, and keeps them only as long as a later row of patches shares them, so each
+input voxel is read about once. Its patches are views of the slab, valid until the next patch is asked for.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms.croppad.functional import pad_nd
 
-from .._shapes import is_lazy, torch_dtype
+from .._shapes import PIECE_BYTES, chunk_pieces, is_lazy, torch_dtype
 from ..grid import GridGeometry, check_pad_fits, pad_batch
 
 __all__ = ["LazyBatch", "LazySource", "TensorSource", "is_lazy", "lazy_batch", "open_source"]
@@ -26,16 +27,34 @@ _ROW_MODES = {"constant": "constant", "edge": "edge", "replicate": "edge", "refl
               "symmetric": "symmetric", "wrap": "wrap", "circular": "wrap"}  # fmt: skip
 
 
-def _as_tensor(block: Any) -> torch.Tensor:
-    """A block read from an array-like as a tensor (a copy for a memmap view, so the file is not held)."""
+def _as_array(block: Any) -> np.ndarray:
+    """A block read from an array-like as a numpy array: the block itself for a numpy array (a memmap's block is a
+    view, read from the file when it is copied into the slab) or a CPU tensor; allocates only a block that is not
+    in memory yet (a dask array's, a GPU tensor's)."""
     if isinstance(block, torch.Tensor):
-        return block
-    array = np.asarray(block)
-    return torch.from_numpy(np.array(array) if isinstance(block, np.memmap) else np.ascontiguousarray(array))
+        return block.detach().cpu().numpy()
+    return np.asarray(block)
+
+
+def _shared_tensor(block: np.ndarray) -> torch.Tensor | None:
+    """A tensor sharing ``block``'s memory, only ever read from (so torch's warning about a read-only block, e.g. a
+    memmap's, does not apply), or ``None`` where torch cannot share it (a dtype or byte order it lacks). Allocates
+    nothing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(block)
+    except (TypeError, ValueError):
+        return None
 
 
 class TensorSource:
-    """Patches of an in-memory ``(B, C, *spatial)`` batch: views of its padded copy (one copy when padding)."""
+    """Patches of an in-memory ``(B, C, *spatial)`` batch: views of its padded copy (one copy when padding).
+
+    The views stay valid for the whole call (``stable_views``), so a batch can stack them at once.
+    """
+
+    stable_views = True
 
     def __init__(self, images: torch.Tensor, geometry: GridGeometry, mode: str, pad_kwargs: dict) -> None:
         self.padded = pad_batch(images, geometry, mode, **pad_kwargs)
@@ -47,7 +66,7 @@ class TensorSource:
 
 
 class LazySource:
-    """Patches of an array-like ``(B, C, *spatial)``, read a row of patches at a time.
+    """Patches of an array-like ``(B, C, *spatial)``, read a row of patches at a time into one slab.
 
     Args:
         array: the array-like.
@@ -55,14 +74,22 @@ class LazySource:
         mode, pad_kwargs: the pad mode (numpy or torch name) and its arguments (``value`` for ``constant``).
         who: the public class named in error messages.
 
-    Holds one slab: the padded rows ``[lo, hi)`` of the first spatial axis (all channels, the other axes padded)
-    that the patches asked for since the last row change cover. Asking for rows below ``lo`` (another item, or out of
-    grid order) reads them again. ``bytes_read`` counts what was read from ``array``.
+    The slab holds the padded rows ``[lo, lo + patch rows)`` of the first spatial axis (all channels, the other axes
+    padded) of the current row of patches. When the row of patches advances, the rows it keeps move down in place and
+    only the new input rows are read, straight into the slab, which is then padded in place; rows below ``lo`` (another
+    item, or out of grid order) are read again. A patch is a view of the slab, valid only until the next
+    :meth:`patch` call (``stable_views`` is false): copy it before asking for the next one. ``bytes_read`` counts what
+    was read from ``array``.
+
+    Allocates the slab (``C`` x patch rows x the other padded axes) at the first patch and keeps it; a read allocates
+    what the array-like returns (a memmap's block is a view), and a padded border a copy of its source voxels.
 
     Raises:
         ValueError: a pad mode that needs the whole axis (``mean``, ``median``, ``maximum``, ``minimum``,
             ``linear_ramp``).
     """
+
+    stable_views = False
 
     def __init__(self, array: Any, geometry: GridGeometry, mode: str, pad_kwargs: dict, who: str) -> None:
         if mode not in _ROW_MODES:
@@ -72,56 +99,108 @@ class LazySource:
             )
         check_pad_fits(mode, geometry)
         self.array, self.geometry, self.mode, self.pad_kwargs = array, geometry, _ROW_MODES[mode], pad_kwargs
-        size, before, after = geometry.spatial_shape[0], geometry.pad_before[0], geometry.pad_after[0]
-        rows = np.arange(size)
-        #: for each padded row of the first axis, the input row it copies (-1: the constant)
-        self.row_source = (
-            np.pad(rows, (before, after), constant_values=-1)
-            if self.mode == "constant"
-            else np.pad(rows, (before, after), mode=self.mode)
-        )
         self.dtype, self.device, self.requires_grad = torch_dtype(array.dtype), torch.device("cpu"), False
+        self.value = float(pad_kwargs.get("value", 0.0))
+        #: per spatial axis, the input index each padded index copies (-1: the constant)
+        self.sources = [
+            np.pad(np.arange(size), (before, after), constant_values=-1)
+            if self.mode == "constant"
+            else np.pad(np.arange(size), (before, after), mode=self.mode)
+            for size, before, after in zip(geometry.spatial_shape, geometry.pad_before, geometry.pad_after)
+        ]
+        self.row_source = self.sources[0]
+        #: reads of rows are cut at these chunk edges of the first axis, and each covers one of these tiles
+        self.row_edges, self.tiles = chunk_pieces(
+            getattr(array, "chunks", None),
+            geometry.spatial_shape,
+            geometry.patch_size[0],
+            PIECE_BYTES // (int(array.shape[1]) * self.dtype.itemsize),
+        )
         self.bytes_read = 0
-        self._item, self._lo, self._slab = -1, 0, None
+        self._item, self._lo = -1, 0
+        self._slab: torch.Tensor | None = None
 
     def patch(self, item: int, box: tuple[slice, ...]) -> torch.Tensor:
-        """The ``(C, *patch)`` view of ``item`` at ``box`` (padded coordinates); reads the rows it adds to the slab."""
+        """The ``(C, *patch)`` view of ``item`` at ``box`` (padded coordinates), valid until the next call; reads the
+        rows it adds to the slab."""
         a, b = box[0].start, box[0].stop
-        if self._slab is None or item != self._item or a < self._lo:
-            self._item, self._lo, self._slab = item, a, self._read(item, a, b)
+        slab = self._slab
+        if slab is None or item != self._item or a < self._lo:
+            start = a  # a fresh slab
         else:
-            top = self._lo + self._slab.shape[1]
-            kept = self._slab[:, a - self._lo :]  # empty when the new rows start past the slab
-            start = max(top, a)
-            self._slab = torch.cat([kept, self._read(item, start, b)], 1) if b > start else kept
-            self._lo = a
-        return self._slab[(slice(None), slice(a - self._lo, b - self._lo), *box[1:])]
+            start = max(self._lo + slab.shape[1], a)  # rows from here on are new
+            if a > self._lo:
+                self._shift(a - self._lo)
+        self._item, self._lo = item, a
+        if b > start:
+            self._read(item, start, b)
+        assert self._slab is not None
+        return self._slab[(slice(None), slice(None), *box[1:])]
 
-    def _read(self, item: int, a: int, b: int) -> torch.Tensor:
-        """Padded rows ``[a, b)`` of ``item``: ``(C, b - a, *padded rest)``; reads the input rows they copy."""
+    def _shift(self, step: int) -> None:
+        """Move the slab's rows ``[step, height)`` down to ``[0, height - step)`` (``step > 0``), in blocks of
+        ``step`` rows so that no copy overlaps itself; allocates nothing."""
+        slab = self._slab
+        assert slab is not None
+        kept = slab.shape[1] - step
+        for row in range(0, kept, step):
+            n = min(step, kept - row)
+            slab[:, row : row + n].copy_(slab[:, row + step : row + step + n])
+
+    def _read(self, item: int, a: int, b: int) -> None:
+        """Fill the slab's rows for padded rows ``[a, b)`` of ``item`` (at ``a - lo``): read the input rows they copy
+        straight into the slab (a read per contiguous run of rows within a chunk, and per tile), fill the constant
+        rows, pad the other axes in place."""
         source = self.row_source[a:b]
         inside = source >= 0
-        geometry = self.geometry
-        rest = geometry.padded_shape[1:]
-        if inside.any():
-            needed = np.unique(source[inside])
-            runs = np.split(needed, np.flatnonzero(np.diff(needed) > 1) + 1)  # contiguous input rows, one read each
-            blocks = [_as_tensor(self.array[(item, slice(None), slice(int(r[0]), int(r[-1]) + 1))]) for r in runs]
-            self.bytes_read += sum(b.numel() * b.element_size() for b in blocks)
-            block = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
-            widths = [(0, 0), (0, 0), *zip(geometry.pad_before[1:], geometry.pad_after[1:])]
-            if any(w != (0, 0) for w in widths):
-                block = torch.as_tensor(pad_nd(block, widths, self.mode, **self.pad_kwargs))
-            position = np.searchsorted(needed, np.where(inside, source, needed[0]))
-            if inside.all() and np.array_equal(position, np.arange(len(position))):
-                rows = block  # the rows as read: no reordering copy
-            else:
-                rows = block[:, torch.from_numpy(position)]
-        else:
-            rows = torch.empty((int(self.array.shape[1]), b - a, *rest), dtype=self.dtype)
+        before = self.geometry.pad_before[1:]
+        needed = np.unique(source[inside])
+        chunk = np.searchsorted(self.row_edges, needed, side="right")
+        breaks = np.flatnonzero((np.diff(needed) > 1) | (np.diff(chunk) != 0)) + 1
+        for run in np.split(needed, breaks) if len(needed) else []:
+            r0, r1 = int(run[0]), int(run[-1]) + 1
+            places = np.flatnonzero(inside & (source >= r0) & (source < r1))
+            offsets = source[places] - r0
+            in_order = np.array_equal(offsets, np.arange(len(places))) and places[-1] - places[0] == len(places) - 1
+            rows = slice(int(places[0]), int(places[-1]) + 1) if in_order else places
+            for tile in self.tiles:
+                block = _as_array(self.array[(item, slice(None), slice(r0, r1), *tile)])
+                self.bytes_read += block.nbytes
+                target = self._rows(a, b, block.dtype)
+                index = (slice(None), rows, *(slice(p + t.start, p + t.stop) for p, t in zip(before, tile)))
+                shared = _shared_tensor(block) if in_order else None
+                if shared is not None:
+                    target[index].copy_(shared)  # torch copies on all its threads
+                else:  # padded rows (reordered or repeated), or a dtype torch lacks
+                    target.numpy()[index] = block if in_order else block[:, offsets]
+        slab_rows = self._rows(a, b, None)
         if not inside.all():
-            rows[:, torch.from_numpy(~inside)] = float(self.pad_kwargs.get("value", 0.0))
-        return rows
+            slab_rows[:, torch.from_numpy(~inside)] = self.value
+        self._pad_rest(slab_rows)
+
+    def _rows(self, a: int, b: int, dtype: np.dtype | None) -> torch.Tensor:
+        """The slab's rows of padded rows ``[a, b)``; allocates the slab at first use, in ``dtype`` (that of the
+        first block read, which may differ from the array-like's ``dtype``, e.g. a scaled NIfTI) or the input's."""
+        if self._slab is None:
+            shape = (int(self.array.shape[1]), self.geometry.patch_size[0], *self.geometry.padded_shape[1:])
+            self._slab = torch.empty(shape, dtype=self.dtype if dtype is None else torch_dtype(dtype))
+        return self._slab[:, a - self._lo : b - self._lo]
+
+    def _pad_rest(self, rows: torch.Tensor) -> None:
+        """Pad the axes after the first of ``(C, n, *padded rest)`` rows in place, axis by axis (as ``numpy.pad``
+        does), from their interior. Allocates a copy of a border's source voxels (non-constant modes)."""
+        geometry = self.geometry
+        for axis, (before, size) in enumerate(zip(geometry.pad_before[1:], geometry.spatial_shape[1:]), start=1):
+            index = self.sources[axis]
+            border = np.flatnonzero((np.arange(len(index)) < before) | (np.arange(len(index)) >= before + size))
+            if not len(border):
+                continue
+            dim = axis + 1
+            if self.mode == "constant":
+                rows.index_fill_(dim, torch.from_numpy(border), self.value)
+            else:
+                copied = rows.index_select(dim, torch.from_numpy(index[border] + before))
+                rows.index_copy_(dim, torch.from_numpy(border), copied)
 
 
 def open_source(inputs: Any, geometry: GridGeometry, pad: tuple[str, dict] | None, who: str) -> Any:
@@ -138,7 +217,8 @@ class LazyBatch:
     """A ``(*spatial)`` array-like, or one with a channel axis, presented as ``(1, C, *spatial)``, unread.
 
     Indexing with a tuple of slices (as :class:`LazySource` does) reads only the box asked for from the wrapped
-    array and returns it channel-first. See :func:`lazy_batch`.
+    array and returns it channel-first. See :func:`lazy_batch`. ``chunks`` presents the wrapped array's chunks
+    (zarr, h5py, dask) alike, ``None`` when it has none.
     """
 
     def __init__(self, array: Any, channel_dim: int | None) -> None:
@@ -146,6 +226,11 @@ class LazyBatch:
         shape = [int(s) for s in array.shape]
         channels = 1 if channel_dim is None else shape.pop(channel_dim)
         self.shape = (1, channels, *shape)
+        chunks = getattr(array, "chunks", None)
+        self.chunks = None
+        if isinstance(chunks, tuple | list) and len(chunks) == len(array.shape):
+            chunks = list(chunks)
+            self.chunks = (1, 1 if channel_dim is None else chunks.pop(channel_dim), *chunks)
         self.dtype = array.dtype
         self.ndim = len(self.shape)
 

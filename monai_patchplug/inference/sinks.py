@@ -17,6 +17,7 @@ front end's options. A new sink (e.g. a chunked store) implements ``add`` and ``
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._shapes import torch_dtype
+from .._shapes import PIECE_BYTES, chunk_pieces, torch_dtype
 from .blend import BlendPlan, zeros_volume
 from .distributed import check_same_on_ranks, reduce_sum_
 
@@ -215,7 +216,8 @@ class SlabSink:
         dtype: the accumulator dtype (:func:`~.blend.accumulator_dtype`).
         device: where slabs are accumulated.
         destination: where finished slabs go, ``(*prefix, C', *out_shape)``, ``C'`` being the channels of
-            ``postprocess``'s output (``C`` without it).
+            ``postprocess``'s output (``C`` without it). Its slice assignment must copy what it is given (as tensors,
+            numpy arrays and stores do): the accumulators are reused.
         prefix: the destination's leading index (``(item,)`` for a batch item).
         postprocess: maps a finished, normalised ``(C, rows, *out_shape[1:])`` slab (``rows >= 1``, any split of the
             first axis) to the ``(C', rows, *out_shape[1:])`` tensor or array that is written; ``None``: the slab.
@@ -236,8 +238,17 @@ class SlabSink:
             or a dtype that cannot be cast without changing kind, e.g. float to integer).
         TypeError: a ``postprocess`` that returns neither a tensor nor an array.
 
-    Allocates a segment's accumulator (``C`` x rows x the other output axes) at its first patch and frees it when the
-    segment is written; segments whose patches are all skipped are written at construction, one at a time.
+    Allocates a segment's accumulator (``C`` x rows x the other output axes) at its first patch, unless a written
+    segment of the same height left one, which is zeroed in place and reused (segments are cut where rows of patches
+    begin and end, so they have few heights; a reused buffer faults no new pages). A written segment's accumulator is
+    kept only for a segment of its height that opens with the next row of patches, so about one row of patches'
+    output is held at a time; segments whose patches are all skipped are written at construction, one at a time.
+    A tensor destination of the accumulator's dtype and device, with no ``postprocess``, is its own accumulator: each
+    segment is zeroed, accumulated and normalised in its rows and nothing is allocated (rows not finished when a run
+    stops hold partial sums). Otherwise a finished segment is written in pieces: ``postprocess`` runs on ``_CHUNK``
+    elements at a time, and a chunked destination (one with ``chunks``, e.g. zarr) gets writes cut at its chunk
+    edges, each covering a chunk-aligned tile of about :data:`~.._shapes.PIECE_BYTES` (so the store reads no chunk
+    back and encodes a few at once), the postprocessed rows of such a write joined first (allocated).
     """
 
     def __init__(
@@ -279,8 +290,22 @@ class SlabSink:
             int(sum(per_row[j] for j in rows)) if on else -1 for rows, on in zip(self._rows_of, self.active)
         ]
         self._buffers: dict[int, torch.Tensor] = {}
+        #: segments accumulate in their rows of the destination (a tensor of the accumulator's dtype and device, and
+        #: nothing to postprocess): no accumulator, no copy
+        self._in_place = (
+            postprocess is None
+            and isinstance(destination, torch.Tensor)
+            and destination.dtype == dtype
+            and destination.device == torch.device(device)
+            and not destination.requires_grad
+        )
+        #: accumulators of written segments, by height, kept for segments about to open
+        self._pool: dict[int, list[torch.Tensor]] = {}
+        self._starts = [a for a, _ in self.segments]
         self._left = sum(self.active)
         self._check_destination()
+        self._step = max(1, _CHUNK // max(self.channels * int(np.prod(plan.out_shape[1:])), 1))
+        self._row_cuts, self._tiles = self._write_pieces()
         for s, pending in enumerate(self._pending):
             if pending == 0:
                 self._finish(s)
@@ -319,31 +344,99 @@ class SlabSink:
         return self.destination
 
     def _buffer(self, s: int) -> torch.Tensor:
-        """The accumulator of segment ``s``, allocated (with the skipped patches' fill added) at first use."""
+        """The accumulator of segment ``s``, taken at first use (with the skipped patches' fill added): its rows of
+        the destination, a pooled one of its height, or a new one, zeroed."""
         buffer = self._buffers.get(s)
         if buffer is None:
             a, b = self.segments[s]
-            buffer = zeros_volume((self.channels, b - a, *self.plan.out_shape[1:]), self.dtype, self.device)
+            if self._in_place:
+                rows = slice(a - self.row_offset, b - self.row_offset)
+                buffer = self.destination[(*self.prefix, slice(None), rows)].zero_()
+            elif self._pool.get(b - a):
+                buffer = self._pool[b - a].pop().zero_()
+            else:
+                buffer = zeros_volume((self.channels, b - a, *self.plan.out_shape[1:]), self.dtype, self.device)
             if self.fill_value != 0:
                 self.plan.add_constant(buffer, self.fill_value, _skipped(self.run, self._rows_of[s]), base=a)
             self._buffers[s] = buffer
         return buffer
 
     def _finish(self, s: int) -> None:
-        """Normalise segment ``s``, postprocess it chunk by chunk, write it and drop its accumulator."""
+        """Normalise segment ``s``; unless it is in the destination already, postprocess and write it piece by piece
+        (:meth:`_pieces`) and pool its accumulator for a segment of its height about to open (else drop it)."""
         buffer = self._buffer(s)
         del self._buffers[s]
         a, b = self.segments[s]
         self.plan.normalise_(buffer, base=a)
-        plane = int(np.prod(self.plan.out_shape[1:]))
-        step = max(1, _CHUNK // max(self.channels * plane, 1))
-        for i in range(0, b - a, step):
-            rows = buffer[:, i : i + step]
-            self._write(a + i, self.postprocess(rows) if self.postprocess is not None else rows)
         self._pending[s] = -1
+        if self._in_place:  # the rows are in the destination already
+            self._check_half(self.destination.dtype, lambda: bool(torch.isfinite(buffer).all()))
+        else:
+            for lo, hi in self._pieces(a, b):
+                self._write(lo, self._postprocessed(buffer[:, lo - a : hi - a]))
+            if self._keep(s):
+                self._pool.setdefault(b - a, []).append(buffer)
         self._left -= 1
         if self.on_written is not None:
             self.on_written(a, b)
+
+    def _pieces(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The writes of output rows ``[a, b)``: cut at the chunk edges of a chunked destination (a write that covers
+        part of a chunk makes the store read it back), else every ``_CHUNK`` elements of the accumulator."""
+        if self._row_cuts is None:
+            cuts = list(range(a, b, self._step))
+        else:
+            cuts = [a, *(int(c) for c in self._row_cuts if a < c < b)]
+        return list(zip(cuts, [*cuts[1:], b]))
+
+    def _postprocessed(self, rows: torch.Tensor) -> Any:
+        """What is written for the normalised ``(C, n, ...)`` ``rows``: ``postprocess`` applied every ``_CHUNK``
+        elements and the results joined along the rows (allocates the joined rows when there are several), or the
+        rows themselves.
+
+        Raises:
+            ValueError, TypeError: a result that does not fit (see :meth:`_check_values`).
+        """
+        if self.postprocess is None:
+            return rows
+        n = int(rows.shape[1])
+        parts = [self.postprocess(rows[:, i : i + self._step]) for i in range(0, n, self._step)]
+        for i, part in zip(range(0, n, self._step), parts):
+            self._check_values(part, min(self._step, n - i))
+        if len(parts) == 1:
+            return parts[0]
+        if all(isinstance(part, torch.Tensor) for part in parts):
+            return torch.cat(parts, 1)
+        return np.concatenate([p.detach().cpu().numpy() if isinstance(p, torch.Tensor) else p for p in parts], 1)
+
+    def _keep(self, s: int) -> bool:
+        """Whether the accumulator of segment ``s``, just written, is kept for reuse: a segment of its height, not
+        opened yet and not waited for by a kept one, opens with the next row of patches (the one after the last that
+        touches ``s``)."""
+        a, b = self.segments[s]
+        following = max(self._rows_of[s], default=self.grid_shape[0]) + 1
+        if following >= self.grid_shape[0]:
+            return False
+        end = bisect.bisect_left(self._starts, self.plan.row_range(following)[1])
+        waiting = sum(
+            1
+            for t in range(s + 1, end)
+            if self._pending[t] > 0 and t not in self._buffers and self.segments[t][1] - self.segments[t][0] == b - a
+        )
+        return len(self._pool.get(b - a, ())) < waiting
+
+    def _write_pieces(self) -> tuple[np.ndarray | None, list[tuple[slice, ...]]]:
+        """The output rows at which a chunked destination's chunks begin (``None`` when it has no ``chunks``) and the
+        chunk-aligned tiles of the other axes that each write covers (:func:`~.._shapes.chunk_pieces`)."""
+        chunks = getattr(self.destination, "chunks", None)
+        shape = tuple(int(v) for v in self.destination.shape)
+        if not isinstance(chunks, tuple | list) or len(chunks) != len(shape):
+            return None, [()]
+        target = destination_dtype(self.destination)
+        voxel = shape[len(self.prefix)] * (target.itemsize if target is not None else 4)
+        rows = self.plan.out_patch[0]
+        edges, tiles = chunk_pieces(chunks, shape[len(self.prefix) + 1 :], rows, PIECE_BYTES // max(voxel, 1))
+        return edges + self.row_offset, tiles
 
     def _check_values(self, values: Any, rows: int) -> torch.dtype:
         """Raise if a postprocessed slab does not fit the destination; returns its torch dtype."""
@@ -414,7 +507,8 @@ class SlabSink:
             if isinstance(dtype_np, np.dtype):
                 array = array.astype(dtype_np, copy=False)
             self._check_half(target, lambda: bool(np.isfinite(array).all()))
-            self.destination[index] = array
+            for tile in self._tiles:
+                self.destination[(*index, *tile)] = array[(slice(None), slice(None), *tile)]
 
     def _check_half(self, target: torch.dtype | None, finite: Callable[[], bool]) -> None:
         """Raise when a float16 destination received values beyond its range (``finite()`` tells, after the cast).
