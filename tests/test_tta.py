@@ -248,8 +248,8 @@ def test_a_supervised_evaluator_runs_the_mirrored_half_precision_inferer():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int32])
 def test_mirroring_averages_outputs_of_any_dtype(dtype):
-    """Outputs numpy has no reversed view for (bfloat16) or that are not floats (integers, averaged as floats) take
-    torch's flips; float64 takes numpy's. Each equals the wrapped network, in the dtype it has without mirroring."""
+    """Outputs of half precision, of float64 and integers (averaged as floats: wide ones in float64, as the blend
+    sums them) each equal the wrapped network, in the dtype they have without mirroring."""
     x = torch.rand(1, 1, 9, 8, 7)
 
     def net(p):
@@ -264,8 +264,8 @@ def test_mirroring_averages_outputs_of_any_dtype(dtype):
 
 
 def test_mirroring_under_autograd_reaches_the_networks_parameters():
-    """With autograd recording, the flipped-back outputs are summed by torch (numpy cannot record), so the gradient of
-    a 1x1x1 conv's weight is the sum of the input, as without mirroring."""
+    """With autograd recording the flipped-back outputs' sum: the gradient of a 1x1x1 conv's weight is the sum of
+    the input, as without mirroring."""
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 1, 1)
     x = torch.rand(1, 1, 9, 8, 7)

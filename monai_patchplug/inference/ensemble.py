@@ -13,7 +13,6 @@ import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
-import numpy as np
 import torch
 
 from .blend import accumulator_dtype
@@ -106,7 +105,7 @@ class AveragedNetwork:
         rebuild: Callable[[list[Any]], Any] = list
         for flip in self.flips:
             dims = [2 + a for a in flip]
-            flipped = _flip(batch, dims)
+            flipped = batch.flip(dims) if dims else batch
             for weight, output in zip(self.weights, self._launch(flipped, args, kwargs)):
                 items, rebuild = flatten_output(output, self.who)
                 if sums is not None and len(items) != len(sums):
@@ -119,45 +118,8 @@ class AveragedNetwork:
                         for t in items
                     ]
                 for total, t in zip(sums, items):
-                    _add_flipped(total, t, dims, weight)
+                    total.add_(t.flip(dims) if dims else t, alpha=weight)
             del flipped
         assert sums is not None
         means = [total.mul_(1.0 / len(self.flips)) for total in sums]
         return rebuild([m.to(d) if d.is_floating_point else m for m, d in zip(means, dtypes)])
-
-
-def _numpy_view(t: torch.Tensor) -> bool:
-    """Whether ``t`` can be worked on through numpy (CPU, a dtype numpy has, autograd not recording it): numpy's
-    reversed views flip without a copy, which torch's strides cannot express."""
-    return t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS and not (t.requires_grad and torch.is_grad_enabled())
-
-
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-def _reversed(dims: Sequence[int], ndim: int) -> tuple[slice, ...]:
-    """The index of a view reversed along ``dims``."""
-    return tuple(slice(None, None, -1) if d in dims else slice(None) for d in range(ndim))
-
-
-def _flip(batch: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """``batch`` flipped along ``dims`` (``batch`` itself for none): a new contiguous tensor, copied through numpy's
-    reversed view on the CPU (one strided copy; ``torch.flip`` gathers by index). Allocates that tensor."""
-    if not dims:
-        return batch
-    if not _numpy_view(batch):
-        return batch.flip(dims)
-    return torch.from_numpy(np.ascontiguousarray(batch.numpy()[_reversed(dims, batch.ndim)]))
-
-
-def _add_flipped(total: torch.Tensor, t: torch.Tensor, dims: Sequence[int], weight: float) -> None:
-    """``total += weight * flip(t, dims)`` in place; on the CPU through a reversed numpy view of ``total`` (no flipped
-    copy of ``t``). Allocates nothing there but, for a weight other than 1 or another dtype, the scaled copy."""
-    if not dims or not (_numpy_view(total) and _numpy_view(t)):
-        total.add_(t.flip(dims) if dims else t, alpha=weight)
-        return
-    view = total.numpy()[_reversed(dims, total.ndim)]
-    values = t.numpy()
-    if weight != 1.0 or values.dtype != view.dtype:
-        values = np.multiply(values, weight, dtype=view.dtype)
-    np.add(view, values, out=view)
