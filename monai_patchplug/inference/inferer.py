@@ -211,7 +211,10 @@ class GridInferer(Inferer):
             ``numpy.memmap`` or any array supporting slice assignment, of shape ``(B, C', *spatial_out)``. Slabs of
             the first spatial axis are normalised, passed through ``postprocess`` and written as soon as no later
             patch touches them, so only about one row of patches' output (``C`` x ``patch[0]`` x the other axes) is
-            held; the call returns ``output``. The network must return one tensor; not with ``distributed``.
+            held; the call returns ``output``. The network must return one tensor; not with ``distributed``. A
+            tensor of the accumulator's dtype (float32 for float networks) without ``postprocess`` is its own
+            accumulator: nothing is held, and rows of a run that failed part-way hold partial sums. A chunked store
+            (one with ``chunks``: zarr, h5py) is written in pieces cut at its chunk edges.
         postprocess: applied to each finished, normalised ``(C, rows, *spatial_out[1:])`` slab (any split of the
             first axis, so it must work row by row), e.g. ``lambda x: x.argmax(0, keepdim=True).to(torch.uint8)``;
             its ``(C', rows, ...)`` result is what is written. Without ``output``, a new ``(B, C', ...)`` volume of
