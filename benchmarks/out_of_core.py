@@ -10,8 +10,9 @@ bytes it read from the input (the input is wrapped in a counting array-like). Ro
   the output to zarr (lazy in, lazy out: the output store's compression included);
 - the same volume in memory (loaded before the timer) through GridInferer and MONAI's SlidingWindowInferer
   (``overlap=0.25`` lays the same grid; gaussian), output in memory;
-- parts: the job as 1, 2 and 4 parts, each part its own process with one torch thread, run at the same time
-  (``--cores`` at once), printing the wall time of the whole job, each part's peak and the rows run twice.
+- parts: the job as 1, 2 and 4 parts, each part its own process with one torch thread and one zarr thread (one
+  core), run at the same time (``--cores`` at once), printing the wall time of the whole job, each part's peak and
+  the rows run twice.
 
 Also printed: the floor of a row-streaming design (one input row slab: patch rows x the other axes x C_in; one
 output row slab: x C_out; one batch) that the peak is compared with.
@@ -117,8 +118,9 @@ def child(which: str, folder: str, net: str, part: str, warm: str = "cold") -> d
     model = network(net)
     shape = tuple(np.load(f"{folder}/x.npy", mmap_mode="r").shape[2:])
     result: dict = {}
-    if which == "part":
+    if which == "part":  # one core per part: torch's threads and zarr's encoding threads
         torch.set_num_threads(1)
+        zarr.config.set({"threading.max_workers": 1})
     with torch.no_grad():
         if warm == "warm":
             warm_up(model)
@@ -212,8 +214,8 @@ def main() -> int:
             print()
         if "parts" not in args.rows:
             return 0
-        print(f"# parts: each part a process with one torch thread, {args.cores} at once, into one zarr store "
-              "(memmap input); wall time of the whole job")  # fmt: skip
+        print(f"# parts: each part a process with one torch thread and one zarr thread, {args.cores} at once, into one "
+              "zarr store (memmap input); wall time of the whole job")  # fmt: skip
         print()
         print("| parts | wall (s) | vs 1 part | peak RSS per part (MiB) | bytes read / input |")
         print("|---|---|---|---|---|")
