@@ -180,6 +180,8 @@ class LabelIndex:
         offsets: ``len(labels) + 1`` offsets: the runs of ``labels[i]`` are ``offsets[i]:offsets[i + 1]``.
         starts: flat index (C order over ``shape``) of each run's first voxel, sorted within a label.
         lengths: each run's length along the last axis.
+        max_runs_per_label: the cap the runs were kept under (``None``: every run, the exact index); saved with the
+            index, so a loaded index tells whether its draw is an approximation.
 
     Raises:
         ValueError: arrays whose sizes or values do not fit together or ``shape``.
@@ -213,8 +215,10 @@ class LabelIndex:
         offsets: np.ndarray,
         starts: np.ndarray,
         lengths: np.ndarray,
+        max_runs_per_label: int | None = None,
     ) -> None:
         self.shape = tuple(int(s) for s in shape)
+        self.max_runs_per_label = check_max_runs(max_runs_per_label, "LabelIndex")
         self.labels = np.asarray(labels, dtype=np.int64)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.starts, self.lengths = np.asarray(starts), np.asarray(lengths)
@@ -288,7 +292,7 @@ class LabelIndex:
             keep = _random_subset(offsets, cap)
             starts, lengths = starts[keep], lengths[keep]
             offsets = np.concatenate([[0], np.cumsum(np.minimum(counts, cap))]).astype(np.int64)
-        return cls(shape, labels, offsets, starts, lengths)
+        return cls(shape, labels, offsets, starts, lengths, cap)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to ``path`` (``.npz``, no pickle) atomically: a temporary file beside it, then a rename.
@@ -308,6 +312,7 @@ class LabelIndex:
                     offsets=self.offsets,
                     starts=self.starts,
                     lengths=self.lengths,
+                    max_runs_per_label=np.int64(self.max_runs_per_label or 0),
                 )
             os.replace(tmp, path)
         except BaseException:
@@ -326,7 +331,8 @@ class LabelIndex:
             with np.load(path, allow_pickle=False) as f:
                 if int(f["format"]) != _FORMAT:
                     raise ValueError(f"format {int(f['format'])}, expected {_FORMAT}")
-                return cls(f["shape"], f["labels"], f["offsets"], f["starts"], f["lengths"])
+                cap = int(f["max_runs_per_label"]) if "max_runs_per_label" in f.files else 0  # 0: none (older files)
+                return cls(f["shape"], f["labels"], f["offsets"], f["starts"], f["lengths"], cap or None)
         except (KeyError, OSError, ValueError) as error:
             raise ValueError(f"LabelIndex: {str(path)!r} is not a readable label index ({error}).") from error
 

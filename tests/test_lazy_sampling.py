@@ -512,6 +512,21 @@ def test_capped_index_keeps_a_seeded_uniform_subset_of_each_labels_runs():
             assert_counts_follow(np.bincount(tenth[rank], minlength=10), np.bincount(tenth) / len(all_starts))
 
 
+@pytest.mark.parametrize("cap", [None, 1, 300])
+def test_a_saved_index_says_whether_it_was_capped(tmp_path, cap):
+    """The cap is saved with the runs, so a loaded index tells an approximate draw from the exact one; an index file
+    written before the cap was saved loads as uncapped."""
+    label = np.random.default_rng(4).integers(0, 3, (40, 30)).astype(np.uint8)
+    index = LabelIndex.build(label, max_runs_per_label=cap)
+    loaded = LabelIndex.load(index.save(tmp_path / "label.npy.index.npz"))
+    assert index.max_runs_per_label == loaded.max_runs_per_label == cap
+    assert np.array_equal(loaded.starts, index.starts) and loaded.counts() == index.counts()
+    with np.load(tmp_path / "label.npy.index.npz") as f:
+        older = {k: f[k] for k in f.files if k != "max_runs_per_label"}
+    np.savez(tmp_path / "older.npz", **older)
+    assert LabelIndex.load(tmp_path / "older.npz").max_runs_per_label is None
+
+
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), ("5", TypeError),
                                         (True, TypeError)])  # fmt: skip
 def test_a_bad_cap_is_named_with_its_value(bad, error):
