@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
 from pathlib import Path
 from unittest import mock
@@ -396,3 +397,27 @@ def test_a_zarr_input_gives_exactly_the_in_memory_result(tmp_path):
     with mock.patch.object(inputs, "PIECE_BYTES", two_chunks):
         argmax(batch, pointwise)
     assert np.array_equal(labels[:], argmax_u8(got[0]).numpy()[None])
+
+
+@pytest.mark.parametrize("mode", ["crop", "hann"])
+@pytest.mark.parametrize("padding", [None, "reflect"])
+def test_a_memmap_is_read_with_positioned_reads_whatever_they_return(tmp_path, monkeypatch, mode, padding):
+    """A whole memmap with unpadded rows is read with ``os.preadv`` (never through the map), short reads are
+    continued, and the result is the in-memory one; a view of a memmap, or rows padded along the other axes, take
+    the mapped path. Both count the bytes of the rows read."""
+    data = np.random.default_rng(5).random((2, 2, 23, 9, 7)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    calls, preadv = [], os.preadv
+
+    def short_preadv(fd, buffers, offset):  # at most 100 bytes per call, as a slow file system may return
+        calls.append(offset)
+        return preadv(fd, [buffers[0][:100]], offset)
+
+    monkeypatch.setattr(inputs.os, "preadv", short_preadv, raising=True)
+    inferer = mpp.GridInferer(6, 2, mode, batch_size=3, padding_mode=padding)
+    expected = inferer(torch.from_numpy(data), pointwise)
+    whole = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert torch.equal(inferer(whole, pointwise), expected)
+    assert (len(calls) > 0) == (padding is None)
+    calls.clear()
+    assert torch.equal(inferer(whole[0:2], pointwise), expected) and not calls  # a view: through the map
