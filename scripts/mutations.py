@@ -283,8 +283,6 @@ MUTANTS = [
         "return torch.ones(size, dtype=dtype, device=device)",
         "return torch.full((size,), 2.0, dtype=dtype, device=device)",
         BLEND_TESTS,
-        equivalent="average mode divides by the sum of the same weights, and scaling by a power of two is exact in "
-        "floating point, so the blend is bit-identical",
     ),
     # -- the separable normalisation, and the half-precision path -----------------------------------------------
     Mutant(
