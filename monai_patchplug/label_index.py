@@ -184,7 +184,8 @@ class LabelIndex:
             index, so a loaded index tells whether its draw is an approximation.
 
     Raises:
-        ValueError: arrays whose sizes or values do not fit together or ``shape``.
+        ValueError: arrays whose sizes or values do not fit together or ``shape``; a ``max_runs_per_label`` below 1.
+        TypeError: a ``max_runs_per_label`` neither ``None`` nor an int.
 
     Example:
         >>> import os
