@@ -8,10 +8,13 @@ each on the flipped input, its output flipped back and summed into a running tot
 
 Rows:
 - speed, 8 mirrorings x 1 model, identity (2-channel) and conv networks: median seconds over interleaved rounds (the
-  order of ours and the loop alternates), and the paired ratio loop / ours;
+  order alternates), the paired ratio loop / ours, and a floor: the bare operations of any design that gathers the
+  grid once (stack a batch; per flip, flip it, run the network, flip the output back, add it to a running sum;
+  ``addcmul_`` the sum into a zeroed output), which bounds what gathering once can gain over the loop;
 - memory, 8 mirrorings x 3 models (identity networks): peak resident memory above input + output, each in a fresh
   subprocess after a warm-up on a small volume (as ``benchmarks/inference.py`` measures it), against one batch of
-  patches (network input + output);
+  patches (network input + output) and against the working set of one batch (DESIGN.md 6e: its input, the flipped
+  copy being run, the network's output and the per-patch running mean);
 - half precision: a conv net whose output is cast to float16 (what an autocast network returns), accumulated in
   float32 (today's rule) vs ``accumulate_dtype=torch.float16``: the accumulator's bytes, the extra peak memory and the
   largest error relative to the float32 network's largest logit.
@@ -34,7 +37,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from inference import _release_and_reset_peak, _status_kib, make_network, paired_ratio
+from inference import _release_and_reset_peak, _status_kib, bare_ops_runner, make_network, paired_ratio
 from monai.inferers import SlidingWindowInferer
 
 import monai_patchplug as mpp
@@ -63,26 +66,44 @@ def ours(image: torch.Tensor, networks: list, patch: int, overlap: int, batch: i
     return inferer(image, networks if len(networks) > 1 else networks[0])
 
 
+def bare_mirrored(network: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bare operations any gather-once design must run per batch: for every flip, flip the batch, run the
+    network, flip its output back and add it to a running sum (the first result is the sum). No scaling, no checks."""
+    flips = [s for k in range(1, len(AXES) + 1) for s in itertools.combinations(AXES, k)]
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        total = network(batch)
+        for flip in flips:
+            dims = [2 + a for a in flip]
+            total.add_(network(batch.flip(dims)).flip(dims))
+        return total
+
+    return run
+
+
 def timed(run: Callable[[], torch.Tensor]) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
 
 
-def speed(net: str, size: int, patch: int, overlap: int, batch: int, repeats: int) -> tuple[list, list]:
+def speed(net: str, size: int, patch: int, overlap: int, batch: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per run of ours, the MONAI loop and the floor (``bare_mirrored`` inside ``bare_ops_runner``: stack,
+    mirrored network, ``addcmul_`` into a zeroed output), interleaved over rounds in alternating order."""
     torch.manual_seed(1)
     image = torch.randn(1, 1, size, size, size)
     networks = [make_network(net)]
     runs = {"ours": lambda: ours(image, networks, patch, overlap, batch),
-            "loop": lambda: monai_loop(image, networks, patch, overlap, batch)}  # fmt: skip
-    times: dict[str, list[float]] = {"ours": [], "loop": []}
+            "loop": lambda: monai_loop(image, networks, patch, overlap, batch),
+            "floor": bare_ops_runner(bare_mirrored(networks[0]), image, patch, overlap, batch)}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for run in runs.values():
             run()  # warm-up
         for r in range(repeats):
-            for name in ("ours", "loop") if r % 2 == 0 else ("loop", "ours"):
+            for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
                 times[name].append(timed(runs[name]))
-    return times["ours"], times["loop"]
+    return times
 
 
 def child(which: str, size: int, patch: int, overlap: int, batch: int) -> None:
@@ -137,24 +158,30 @@ def main() -> int:
     repeats = 1 if args.quick else args.repeats
     input_mib, output_mib = size**3 * 4 / 2**20, 2 * size**3 * 4 / 2**20
     batch_mib = batch * 3 * patch**3 * 4 / 2**20
+    # DESIGN.md 6e: one batch's working set = its input (1 channel), the flipped copy being run (1), the network's
+    # output (2) and the per-patch running mean (2)
+    working_mib = batch * 6 * patch**3 * 4 / 2**20
     print(f"# mirroring and ensembles: 1x{size}^3, {patch}^3 patches, overlap {overlap}, batch {batch}, 8 mirrorings; "
           f"{repeats} rounds; torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     print()
-    print("| network | models | ours (s) | MONAI loop (s) | loop / ours |")
-    print("|---|---|---|---|---|")
+    print("| network | models | ours (s) | MONAI loop (s) | floor (s) | loop / ours | loop / floor |")
+    print("|---|---|---|---|---|---|---|")
     for net in ("identity", "conv"):
-        mine, loop = speed(net, size, patch, overlap, batch, repeats)
-        print(f"| {net} | 1 | {statistics.median(mine):.3f} | {statistics.median(loop):.3f} | "
-              f"{paired_ratio(loop, mine):.2f}x |")  # fmt: skip
+        t = speed(net, size, patch, overlap, batch, repeats)
+        print(f"| {net} | 1 | {statistics.median(t['ours']):.3f} | {statistics.median(t['loop']):.3f} | "
+              f"{statistics.median(t['floor']):.3f} | {paired_ratio(t['loop'], t['ours']):.2f}x | "
+              f"{paired_ratio(t['loop'], t['floor']):.2f}x |")  # fmt: skip
     print()
     print(f"# memory above input ({input_mib:.0f} MiB) + output ({output_mib:.0f} MiB), 8 mirrorings x 3 identity "
-          f"models, fresh process each; one batch of patches (input + output) = {batch_mib:.0f} MiB")  # fmt: skip
+          f"models, fresh process each; one batch of patches (input + output) = {batch_mib:.0f} MiB; the working set "
+          f"of one batch (input, flipped copy, output, running mean) = {working_mib:.0f} MiB")  # fmt: skip
     print()
-    print("| method | extra peak (MiB) | minus output (MiB) | in batches of patches |")
-    print("|---|---|---|---|")
+    print("| method | extra peak (MiB) | minus output (MiB) | in batches of patches | in working sets of one batch |")
+    print("|---|---|---|---|---|")
     for name, which in (("GridInferer", "ours3"), ("MONAI loop", "loop3")):
-        extra = in_child(which, args)[0]
-        print(f"| {name} | {extra:.0f} | {extra - output_mib:.0f} | {(extra - output_mib) / batch_mib:.1f} |")
+        extra = in_child(which, args)[0] - output_mib
+        shares = f"{extra / batch_mib:.1f} | {extra / working_mib:.1f}"
+        print(f"| {name} | {extra + output_mib:.0f} | {extra:.0f} | {shares} |")
     print()
     print("# half precision: conv net with float16 output (as under autocast), 8 mirrorings; error relative to the "
           "float32 network's largest logit")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -261,6 +262,25 @@ def test_mirroring_averages_outputs_of_any_dtype(dtype):
     assert got.dtype == mpp.GridInferer(4, 2, "average")(x, net).dtype  # the dtype without mirroring
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * 100)
+
+
+@pytest.mark.parametrize("mirror_axes, models", [((0, 1), 2), ((0,), 1), (None, 2)])
+def test_no_earlier_network_output_is_held_while_a_network_runs(mirror_axes, models):
+    """On one device each output is consumed before the next network runs (the documented one output at a time):
+    when a network is called, every output returned before is already freed."""
+    returned: list[weakref.ref] = []
+    calls_with_an_output_alive = []
+
+    def net(x):
+        calls_with_an_output_alive.append(any(ref() is not None for ref in returned))
+        out = torch.cat([x, x], 1)
+        returned.append(weakref.ref(out))
+        return out
+
+    with torch.no_grad():
+        mpp.GridInferer(8, 4, batch_size=2, mirror_axes=mirror_axes)(torch.rand(1, 1, 16, 16), [net] * models)
+    assert len(calls_with_an_output_alive) == 5 * models * 2 ** len(mirror_axes or ())
+    assert not any(calls_with_an_output_alive)
 
 
 def test_mirroring_under_autograd_reaches_the_networks_parameters():

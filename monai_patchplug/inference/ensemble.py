@@ -62,7 +62,8 @@ class AveragedNetwork:
     tensors, summed as the blending modes sum (:func:`~.blend.accumulator_dtype`: float32, float64 for float64 and
     wide integers) and returned in the networks' dtype (floats for integer outputs).
     Allocates, per call, one flipped copy of the batch at a time, the networks' outputs (one at a time on a single
-    device; one per device otherwise), and the running average (one output batch per network output).
+    device; one per device otherwise), a flipped-back copy of one output patch at a time, and the running mean (one
+    output batch per network output), which starts as a scaled copy of the first result and is never rescaled.
     """
 
     def __init__(
@@ -85,19 +86,25 @@ class AveragedNetwork:
         #: each network's weight in the average (the flips are then averaged equally)
         self.weights = [float(w) / total for w in weights]
 
-    def _launch(self, batch: torch.Tensor, args: tuple, kwargs: dict) -> Iterator[Any]:
-        """Each network's output on ``batch``. On several devices every device gets its batch before any result is
-        waited for (their outputs are held together); on one device each output is consumed before the next network
-        runs, so one output is held at a time."""
-        calls = (
-            (lambda n=network, d=device: n(batch if d is None else batch.to(d, non_blocking=True), *args, **kwargs))
-            for network, device in zip(self.networks, self.devices)
-        )
+    def _launch(self, batch: torch.Tensor, args: tuple, kwargs: dict) -> Iterator[tuple[float, Any]]:
+        """Each network's weight and output on ``batch``. On several devices every device gets its batch before any
+        result is waited for (their outputs are held together, each released once consumed); on one device each
+        output is consumed before the next network runs, so one output is held at a time. (Fresh pairs, not
+        ``zip``: ``zip`` keeps its last tuple, and with it the last output, alive while the next network runs.)"""
+        calls = [
+            (
+                weight,
+                lambda n=network, d=device: n(batch if d is None else batch.to(d, non_blocking=True), *args, **kwargs),
+            )
+            for weight, network, device in zip(self.weights, self.networks, self.devices)
+        ]
         if len({str(d) for d in self.devices}) > 1:
-            yield from [call() for call in calls]
+            launched = [(weight, call()) for weight, call in calls]
+            while launched:
+                yield launched.pop(0)
         else:
-            for call in calls:
-                yield call()
+            for weight, call in calls:
+                yield weight, call()
 
     def __call__(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         sums: list[torch.Tensor] | None = None
@@ -106,20 +113,39 @@ class AveragedNetwork:
         for flip in self.flips:
             dims = [2 + a for a in flip]
             flipped = batch.flip(dims) if dims else batch
-            for weight, output in zip(self.weights, self._launch(flipped, args, kwargs)):
+            for weight, output in self._launch(flipped, args, kwargs):
                 items, rebuild = flatten_output(output, self.who)
                 if sums is not None and len(items) != len(sums):
                     raise ValueError(f"{self.who}: the networks returned {len(items)} outputs, earlier {len(sums)}.")
                 items = [t.to(self.device) for t in items]
-                if sums is None:
+                scale = weight / len(self.flips)  # each result's share of the mean: no pass over the sums at the end
+                if sums is None:  # the first result starts the sums: no zeroed buffers to add into
                     dtypes = [t.dtype for t in items]  # the averages take them back (integer outputs stay floats)
-                    sums = [
-                        torch.zeros(t.shape, dtype=accumulator_dtype("average", t.dtype), device=t.device)
-                        for t in items
-                    ]
-                for total, t in zip(sums, items):
-                    total.add_(t.flip(dims) if dims else t, alpha=weight)
+                    sums = [_scaled_copy(t.flip(dims) if dims else t, scale) for t in items]
+                else:
+                    _add_flipped(sums, items, dims, scale)
+                del output, items  # not held while the next network runs
             del flipped
         assert sums is not None
-        means = [total.mul_(1.0 / len(self.flips)) for total in sums]
-        return rebuild([m.to(d) if d.is_floating_point else m for m, d in zip(means, dtypes)])
+        return rebuild([m.to(d) if d.is_floating_point else m for m, d in zip(sums, dtypes)])
+
+
+def _add_flipped(sums: list[torch.Tensor], items: list[torch.Tensor], dims: list[int], scale: float) -> None:
+    """``total += scale * flip(t, dims)`` for each running sum and output, flipping back one patch at a time: the
+    flipped copy held is one patch, not the batch (whose copy would be as large as the running mean). A function of
+    its own, so no loop variable keeps an output alive in the caller while the next network runs."""
+    patch_dims = [d - 1 for d in dims]
+    for total, t in zip(sums, items):
+        if not dims:
+            total.add_(t, alpha=scale)
+            continue
+        for i in range(len(t)):  # indexing, not unbinding: autograd allows in-place adds into single views
+            total[i].add_(t[i].flip(patch_dims), alpha=scale)
+
+
+def _scaled_copy(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """A new tensor ``t * scale`` in the blending accumulator's dtype for ``t`` (one pass over ``t``; never ``t``)."""
+    dtype = accumulator_dtype("average", t.dtype)
+    if t.dtype == dtype:
+        return t.mul(scale)
+    return t.to(dtype).mul_(scale)
