@@ -414,6 +414,8 @@ def _rank_main(rank: int, world: int, init: str, folder: str) -> None:
     mpp.GridInferer(8, 2, "hann", batch_size=3, distributed=True, output=out)(x, pointwise)
     out.flush()
     results["labels"] = mpp.GridInferer(8, 2, "hann", distributed=True, postprocess=argmax_u8)(x, pointwise)
+    results["labels_dst"] = mpp.GridInferer(8, 2, "hann", distributed=True, dst=0, postprocess=argmax_u8)(x, pointwise)
+    results["positive"] = mpp.GridInferer(8, 2, "crop", distributed=True, postprocess=lambda v: v[:1] > 0)(x, pointwise)
     results["mirrored"] = mpp.GridInferer(8, 2, "hann", distributed=True, mirror_axes=(0, 2))(x, lopsided)
     try:
         y = torch.zeros(1, 1, 20 + rank, 18, 16)
@@ -447,7 +449,10 @@ def test_sharded_inference_over_two_gloo_processes_equals_one_process(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert torch.equal(got["labels"], single["hann"].argmax(1, keepdim=True).byte())
+        assert (got["labels_dst"] is None) == (rank == 1)
+        assert torch.equal(got["positive"], single["crop"][:, :1] > 0)
         torch.testing.assert_close(got["mirrored"], mirrored, rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.load(tmp_path / "0.pt")["labels_dst"], single["hann"].argmax(1, keepdim=True).byte())
 
 
 def test_sharding_without_a_process_group_is_a_clear_error():

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_same_on_ranks", "collective_device", "gather_rows", "reduce_sum_", "resolve_group", "share"]
+__all__ = [
+    "check_same_on_ranks",
+    "collective_device",
+    "gather_rows",
+    "receives_rows",
+    "reduce_sum_",
+    "resolve_group",
+    "share",
+]
 
 _WIDTH = 16  # entries of the fixed-size vectors the ranks compare
 
@@ -95,25 +103,59 @@ def reduce_sum_(tensor: torch.Tensor, group: Any, dst: int | None) -> None:
         tensor.copy_(work_tensor != 0)
 
 
-def gather_rows(rows: torch.Tensor, n_rows: int, group: Any, dst: int | None) -> torch.Tensor | None:
-    """Join the ranks' parts of a ``(B, C, rows_k, ...)`` volume along the first spatial axis (dim 2), rank ``k``
-    holding rows ``share(n_rows, k, world)``: on every rank (``dst=None``) or on rank ``dst`` only (the others get
-    ``None``). Allocates the joined volume and one padded copy per rank of the largest part.
+def receives_rows(group: Any, dst: int | None) -> bool:
+    """Whether this rank gets the gathered volume: every rank (``dst=None``), or the global rank ``dst`` only."""
+    return dst is None or dist.get_rank() == dst
+
+
+def gather_rows(volume: torch.Tensor, n_rows: int, group: Any, dst: int | None) -> torch.Tensor | None:
+    """Fill in the other ranks' rows of a ``(B, C, n_rows, ...)`` volume split along the first spatial axis (dim 2),
+    rank ``k`` of ``group`` holding rows ``share(n_rows, k, world)``.
+
+    On a rank that receives (:func:`receives_rows`), ``volume`` is the whole volume with this rank's rows already in
+    place: the others' rows are written into it and it is returned. On the other ranks ``volume`` holds this rank's
+    rows only; they are sent and ``None`` is returned. One transfer per rank's rows (a broadcast from each rank, or,
+    with ``dst``, a send to ``dst``), so nothing of the volume's size is allocated: a transfer goes through a
+    staging buffer of one part (the most one rank has) only where the rows are not one contiguous block on the
+    collective's device (``B * C > 1``, or a volume off that device) or are booleans (sent as bytes).
 
     Raises:
         RuntimeError: the collective failed or timed out.
     """
-    world = dist.get_world_size(group)
-    sizes = [len(range(n_rows)[share(n_rows, k, world)]) for k in range(world)]
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    receiving = receives_rows(group, dst)
+    for k in range(world):
+        rows = share(n_rows, k, world)
+        if k == me:
+            part = volume[:, :, rows] if receiving else volume
+        elif receiving:
+            part = volume[:, :, rows]
+        else:
+            continue  # a sending rank takes no part in another sender's transfer to dst
+        if dst is not None and dist.get_global_rank(group, k) == dst:
+            continue  # dst's own rows are in place
+        _transfer(part, k == me, dist.get_global_rank(group, k), group, dst)
+    return volume if receiving else None
+
+
+def _transfer(part: torch.Tensor, mine: bool, src: int, group: Any, dst: int | None) -> None:
+    """Send ``part`` from global rank ``src`` (``mine``: this rank is ``src``) to every rank (``dst=None``, a
+    broadcast) or to ``dst``, received in place. Stages through a contiguous copy on the collective's device when
+    ``part`` is not one (see :func:`gather_rows`)."""
     device = collective_device(group)
-    padded = torch.zeros((*rows.shape[:2], max(sizes), *rows.shape[3:]), dtype=rows.dtype, device=device)
-    padded[:, :, : rows.shape[2]] = rows
-    if dst is None:
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded, group=group, async_op=True).wait()
+    direct = part.is_contiguous() and part.device == device and part.dtype != torch.bool
+    dtype = torch.uint8 if part.dtype == torch.bool else part.dtype
+    if direct:
+        buffer = part
+    elif mine:
+        buffer = part.to(device, dtype, copy=True, memory_format=torch.contiguous_format)
     else:
-        parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == dst else None
-        dist.gather(padded, parts, dst=dst, group=group, async_op=True).wait()
-        if parts is None:
-            return None
-    return torch.cat([part[:, :, :size] for part, size in zip(parts, sizes)], 2).to(rows.device)
+        buffer = torch.empty(part.shape, dtype=dtype, device=device)
+    if dst is None:
+        dist.broadcast(buffer, src=src, group=group, async_op=True).wait()
+    elif mine:
+        dist.isend(buffer, dst=dst, group=group).wait()
+    else:
+        dist.irecv(buffer, src=src, group=group).wait()
+    if not mine and not direct:
+        part.copy_(buffer if part.dtype != torch.bool else buffer != 0)

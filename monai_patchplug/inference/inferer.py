@@ -21,7 +21,7 @@ from monai.inferers import Inferer
 from .._shapes import TypeSpatialShape, fill_patch_size, resolve_patch_size
 from ..grid import GridGeometry, TypePaddingMode, make_grid, resolve_overlap
 from .blend import BlendPlan, accumulator_dtype, check_overlap_mode, zeros_volume
-from .distributed import check_same_on_ranks, gather_rows, resolve_group
+from .distributed import check_same_on_ranks, gather_rows, receives_rows, resolve_group
 from .ensemble import AveragedNetwork, flatten_output, mirror_subsets
 from .inputs import is_lazy, open_source
 from .monai_args import overlap_from_fraction, sliding_window_settings
@@ -229,11 +229,14 @@ class GridInferer(Inferer):
             it and is run. Near the mask, outside it, run and skipped patches blend.
         fill_value: the value of skipped patches (before ``postprocess``).
         distributed: shard the grid over the default ``torch.distributed`` process group (initialised by the caller,
-            NCCL on GPUs, gloo on CPUs, with a ``timeout``): each rank runs a contiguous, balanced share of the
-            patches to run, the accumulators are summed (``all_reduce``), and every rank returns the single-process
-            result. Every rank must call with the same input shape and mask (checked: ``ValueError`` otherwise).
+            NCCL on GPUs, gloo on CPUs, with a ``timeout``): rank ``r`` of ``w`` computes ``part=(r, w)`` (the
+            patches its rows of the output need). With ``output=`` every rank writes its own rows (one barrier at
+            the end); without it every rank returns the single-process result: a rank holds the whole output, its
+            rows blended into it in place and the others' rows broadcast into it, and nothing else of its size.
+            Every rank must call with the same input shape and mask (checked: ``ValueError`` otherwise).
         process_group: shard over this group instead (implies ``distributed``).
-        dst: with sharding, sum onto this (global) rank only (``reduce``); the other ranks return ``None``.
+        dst: with sharding and no ``output``, gather the rows on this (global) rank only, which returns the result;
+            the other ranks hold only their own rows, send them, and return ``None``.
         mirror_axes: test-time mirroring (nnU-Net's): spatial axes (0-based among the spatial dims); every subset of
             them, the empty one included, flips each batch of patches, runs the network(s) on it and flips the
             outputs back, and the ``2^k`` results are averaged per patch before blending. ``None``: no mirroring.
@@ -523,7 +526,7 @@ class GridInferer(Inferer):
         a, b = part_rows(plan.out_shape[0], job.part)
         markers = job.markers
         rows = [(a, b)] if markers is None else remaining_rows((a, b), markers.done(item))
-        local = job.group is not None and self.options.output is None
+        local = job.group is not None and self.options.output is None and not receives_rows(job.group, self.options.dst)
         destination = self.options.output
 
         def written(lo: int, hi: int) -> None:
@@ -655,12 +658,12 @@ class GridInferer(Inferer):
             streamed = options.streaming or job.group is not None or dtype != held
             if not options.streaming and job.group is None:  # in memory (a half volume: written slab by slab)
                 volume = zeros_volume((job.n_items, channels, *plan.out_shape), held, job.device)
-            elif options.output is None:  # sharded: this rank's rows only, gathered at the end
+            elif options.output is None:  # sharded: the whole volume where it is gathered, else this rank's rows
                 a, b = part_rows(plan.out_shape[0], job.part)
-                leading = (job.n_items,)
+                rows = None if receives_rows(job.group, options.dst) else b - a
                 probe = held if options.postprocess is None else dtype
                 volume = allocate_destination(
-                    options.postprocess, plan, channels, leading, job.device, probe, WHO, rows=b - a
+                    options.postprocess, plan, channels, (job.n_items,), job.device, probe, WHO, rows=rows
                 )
             else:
                 volume = options.output
