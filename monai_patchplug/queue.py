@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from numbers import Integral
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,13 +27,25 @@ from monai.transforms import Compose
 from monai.utils import ImageMetaKey, MetaKeys, ensure_tuple
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ._shapes import LOCATION
-from .sampling.base import PatchSampler
+from ._shapes import LOCATION, is_lazy
+from .sampling.base import PatchDraw, PatchSampler
 from .sampling.grid import GridSampler
 
 __all__ = ["PatchQueue"]
 
 Patch = dict[Hashable, Any]
+
+
+class _Unread(NamedTuple):
+    """A patch drawn from a volume on disk but not read yet: all that reading it needs (see ``PatchQueue._read``)."""
+
+    volume: Mapping[Hashable, Any]  # the volume's dict: open array-likes and its other entries, no voxels
+    index: int  # the volume's index in ``data`` (for error messages)
+    keys: tuple[Hashable, ...]
+    corner: np.ndarray  # (1, ndim)
+    size: tuple[int, ...]
+    number: int  # the patch's number within its volume (``patch_index``)
+
 
 #: Metadata a patch keeps by default: geometry, source file and the patch's own entries (enough for ``SaveImaged`` and
 #: ``Invertd``, whose record is ``applied_operations``, kept apart from the meta dict).
@@ -130,9 +142,10 @@ class PatchQueue(IterableDataset):
         >>> batch["image"].shape, batch["label"].shape, batch[LOCATION].shape
         (torch.Size([4, 1, 8, 8, 8]), torch.Size([4, 1, 8, 8, 8]), torch.Size([4, 6]))
 
-    Memory: each worker holds at most ``max_length`` patches (buffer and the patches being sampled together, the
-    patches being contiguous copies, never views of a volume) plus the one volume it is sampling; the DataLoader adds
-    the patches of the batch it is assembling and ``prefetch_factor`` collated batches per worker. A worker freezes
+    Memory: for volumes in memory, each worker holds at most ``max_length`` patches (buffer and the patches being
+    sampled together, the patches being contiguous copies, never views of a volume) plus the one volume it is
+    sampling; for volumes on disk (see below) the buffer holds patch locations, not voxels. The DataLoader adds the
+    patches of the batch it is assembling and ``prefetch_factor`` collated batches per worker. A worker freezes
     the objects it inherits from its parent on its first epoch (``gc.freeze``), so its garbage collections do not
     copy the parent's memory into it (copy-on-write) and inherited objects are not collected in the worker. An entry
     of the volume's dict that is an array but not cropped by the sampler (not in its ``keys``) is shared by the
@@ -151,9 +164,14 @@ class PatchQueue(IterableDataset):
     the loader has ``drop_last=True``).
 
     Volumes on disk: with :class:`~monai_patchplug.LoadLazyd` as ``transform`` (cases prepared by
-    :class:`~monai_patchplug.PatchStore`, or uncompressed files) a volume is opened, not loaded, and the sampler reads
-    only its patches, so a worker holds at most its buffer of ``max_length`` patches (and the open files), never a
-    volume.
+    :class:`~monai_patchplug.PatchStore`, or uncompressed files) a volume is opened, not loaded. When every entry the
+    sampler crops is such an array-like (see :func:`~monai_patchplug._shapes.is_lazy`; tensors and numpy arrays in
+    memory are not), the buffer keeps each drawn patch as its location (the volume's open handles, the corner, the
+    size) and the patch is read only when it is yielded: the same patches, in the same order, as reading them at once.
+    A worker then holds one patch being read, plus the DataLoader's batch being assembled and its prefetched batches,
+    whatever ``max_length`` (and the open files of the volumes in its buffer, and what the sampler's draw reads, e.g.
+    a label map's valid region without a label index), never a volume. An error reading such a patch is raised when
+    it is yielded, naming its volume.
 
     Metadata: every tensor of a batch crosses from a worker to the main process through its own shared-memory file, so
     the dozens of reader entries a ``MetaTensor`` carries (a NIfTI header's fields, each collated to a tensor) cost
@@ -294,7 +312,8 @@ class PatchQueue(IterableDataset):
         """Yield this worker's patches of the current epoch.
 
         Loads one volume at a time (applying ``transform``), samples its patches into the buffer and yields patches
-        from the buffer whenever the next volume's patches would not fit; empties the buffer at the end.
+        from the buffer whenever the next volume's patches would not fit; empties the buffer at the end. Patches of a
+        volume on disk are buffered as locations and read when yielded.
 
         Yields:
             Patch dicts as the sampler makes them (copies, with ``LOCATION`` and the volume's other entries).
@@ -313,7 +332,7 @@ class PatchQueue(IterableDataset):
         rng = np.random.default_rng([entropy, epoch, self.rank, worker]) if self.shuffle else None
         order = self.epoch_order(epoch)
         positions = range(self.rank, len(order), self.world_size)[worker::num_workers]
-        buffer: list[Patch] = []
+        buffer: list[Patch | _Unread] = []
         for position in positions:
             index = int(order[position])
             remaining = int(self.counts[index])
@@ -325,7 +344,7 @@ class PatchQueue(IterableDataset):
             while drawn < remaining:
                 chunk = min(remaining - drawn, self.max_length)
                 while len(buffer) > self.max_length - chunk:
-                    yield _pop(buffer, rng)
+                    yield self._read(_pop(buffer, rng))
                 if volume is None:  # loaded once room is made, so the yielded patches can go first
                     volume = self._load(index, int(transform_seed))
                     self.sampler.set_random_state(seed=int(sampler_seed))
@@ -333,7 +352,7 @@ class PatchQueue(IterableDataset):
                 drawn += chunk
             del volume
         while buffer:
-            yield _pop(buffer, rng)
+            yield self._read(_pop(buffer, rng))
 
     def _load(self, index: int, seed: int) -> Mapping[Hashable, Any]:
         """Item ``index`` of ``data`` through ``transform``, their random parts seeded with ``seed``."""
@@ -358,17 +377,45 @@ class PatchQueue(IterableDataset):
             item = {k: v for k, v in item.items() if k != self.num_samples_key}
         return item
 
-    def _sample(self, volume: Mapping[Hashable, Any], index: int, n: int, first: int = 0) -> list[Patch]:
-        """``n`` patches of ``volume`` from the sampler (independent copies), numbered from ``first`` (a volume with
-        more patches than ``max_length`` is sampled in chunks) and their meta cut to ``meta_keys``. Entries the
-        sampler does not crop are the volume's own and left as they are."""
+    def _sample(self, volume: Mapping[Hashable, Any], index: int, n: int, first: int = 0) -> list[Patch | _Unread]:
+        """``n`` patches of ``volume`` from the sampler, numbered from ``first`` (a volume with more patches than
+        ``max_length`` is sampled in chunks): independent copies with their meta cut to ``meta_keys``, or, when every
+        entry to crop is an array-like on disk, their locations, read by :meth:`_read` when yielded.
+
+        Raises:
+            RuntimeError: the draw or a crop failed; names the volume and chains the error.
+        """
         self.sampler.num_samples = n
         try:
-            patches = self.sampler(volume)
+            drawn = self.sampler.draw(volume)
+            if _deferrable(volume, drawn):
+                return [
+                    _Unread(volume, index, drawn.keys, drawn.corners[i : i + 1], drawn.size, first + i)
+                    for i in range(len(drawn.corners))
+                ]
+            patches = self.sampler.crop_drawn(volume, drawn)
         except Exception as err:
-            raise RuntimeError(
-                f"PatchQueue: sampling volume {index} ({self._describe(index)}) failed: {type(err).__name__}: {err}"
-            ) from err
+            raise self._sampling_error(index, err) from err
+        return self._finish(patches, volume, first)
+
+    def _read(self, item: Patch | _Unread) -> Patch:
+        """The patch to yield: ``item`` itself, or the patch an unread location stands for, read now (only its box
+        of each key) and numbered as :meth:`_sample` numbers its patches.
+
+        Raises:
+            RuntimeError: reading the patch failed; names the volume and chains the error.
+        """
+        if not isinstance(item, _Unread):
+            return item
+        try:
+            patches = self.sampler.crop_patches(item.volume, item.keys, item.corner, item.size)
+        except Exception as err:
+            raise self._sampling_error(item.index, err) from err
+        return self._finish(patches, item.volume, item.number)[0]
+
+    def _finish(self, patches: list[Patch], volume: Mapping[Hashable, Any], first: int) -> list[Patch]:
+        """Number ``patches`` from ``first`` and cut their meta to ``meta_keys``, in place; entries the sampler does
+        not crop are the volume's own and left as they are. Returns ``patches``."""
         for patch in patches:
             for key, value in patch.items():
                 if not isinstance(value, MetaTensor) or value is volume.get(key):
@@ -378,6 +425,12 @@ class PatchQueue(IterableDataset):
                 if self.meta_keys is not None:
                     value.meta = _kept_meta(value.meta, self.meta_keys)
         return patches
+
+    def _sampling_error(self, index: int, err: Exception) -> RuntimeError:
+        """The error for a failed draw or crop of volume ``index``: its index, its files and the cause."""
+        return RuntimeError(
+            f"PatchQueue: sampling volume {index} ({self._describe(index)}) failed: {type(err).__name__}: {err}"
+        )
 
     # -- volumes -------------------------------------------------------------------------------------------------------
     def _raw_item(self, index: int) -> Any:
@@ -424,6 +477,12 @@ def _freeze_inherited_objects() -> None:
         _FROZEN_IN[:] = [os.getpid()]
 
 
+def _deferrable(volume: Mapping[Hashable, Any], drawn: PatchDraw) -> bool:
+    """Whether the patches of a draw can be read later: there are some, and every key to crop is an array-like read
+    box by box (buffering their locations then keeps no voxels; one in memory would keep its volume alive)."""
+    return len(drawn.corners) > 0 and all(is_lazy(volume[key]) for key in drawn.keys)
+
+
 def _kept_meta(meta: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """The entries of ``meta`` named in ``keys``; ``patch_index`` alone when none is there (collation needs one)."""
     kept = {k: meta[k] for k in keys if k in meta}
@@ -432,8 +491,8 @@ def _kept_meta(meta: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return kept
 
 
-def _pop(buffer: list[Patch], rng: np.random.Generator | None) -> Patch:
-    """Remove and return a random patch of ``buffer`` (O(1)), or its oldest one when ``rng`` is None."""
+def _pop(buffer: list[Patch | _Unread], rng: np.random.Generator | None) -> Patch | _Unread:
+    """Remove and return a random entry of ``buffer`` (O(1)), or its oldest one when ``rng`` is None."""
     if rng is None:
         return buffer.pop(0)
     i = int(rng.integers(len(buffer)))

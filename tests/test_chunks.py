@@ -158,14 +158,16 @@ class CountingLabelSampler(mpp.LabelSampler):
         return patches
 
 
-def test_a_queue_on_the_store_never_holds_more_than_max_length_patches(tmp_path):
+def test_a_queue_on_the_store_holds_one_read_patch_at_a_time(tmp_path):
+    """The buffer of a queue on a store holds locations: a patch is read when yielded and freed once the caller
+    drops it, so at most one read patch is alive whatever ``max_length`` (5 here)."""
     peaks.clear()
     sampler = CountingLabelSampler(6, "label", {0: 1, 1: 2}, keys=["image", "label"])
     queue = mpp.PatchQueue(_store(tmp_path, 3), 5, 4, sampler, transform=LoadLazyd(["image", "label"]), seed=0)
     delivered = 0
     for patch in queue:
-        assert len(live) <= 5 and isinstance(patch["image"], torch.Tensor)
+        assert len(live) <= 1 and isinstance(patch["image"], torch.Tensor)
         delivered += 1
         del patch
     assert delivered == len(queue) == 12
-    assert max(peaks) == 5 and len(live) == 0
+    assert max(peaks) == 1 and len(live) == 0

@@ -18,6 +18,7 @@ from conftest import box_slices, make_label_map
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, RandFlipd
+from test_lazy_sampling import CountingArray, _assert_same_patch, _patch_boxes
 
 import monai_patchplug as mpp
 from monai_patchplug.queue import DEFAULT_META_KEYS
@@ -336,3 +337,112 @@ def test_bundle_config_builds_the_queue(nifti_files):
     q = parser.get_parsed_content("queue")
     batches = list(DataLoader(q, batch_size=4))
     assert len(q) == 8 and [len(b["image"]) for b in batches] == [4, 4]
+
+
+# -- volumes on disk: the buffer holds patch locations, each patch is read when yielded -----------------------------
+AFFINE = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
+
+
+def on_disk(item: dict, name: str, indexed: bool = False) -> dict:
+    """``item``'s image and label as counting array-likes (what ``LoadLazyd`` opens), with its other entries; with
+    ``indexed``, the label carries a ``LabelIndex`` (so ``LabelSampler`` draws without reading the map)."""
+    meta = {"affine": AFFINE, "filename_or_obj": name}
+    label = CountingArray(item["label"].numpy(), dict(meta))
+    if indexed:
+        label.label_index = mpp.LabelIndex.build(item["label"][0].numpy())
+    return {**item, "image": CountingArray(item["image"].numpy(), dict(meta)), "label": label}
+
+
+def in_memory(item: dict, name: str) -> dict:
+    """``item``'s image and label as MetaTensors with the metadata :func:`on_disk` gives."""
+    meta = {"affine": AFFINE, "filename_or_obj": name}
+    return {
+        **item,
+        "image": MetaTensor(item["image"], meta=dict(meta)),
+        "label": MetaTensor(item["label"], meta=dict(meta)),
+    }
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        mpp.UniformSampler(4, keys=["image", "label"]),
+        mpp.LabelSampler(4, "label", {0: 1, 3: 2}, keys=["image", "label"]),
+    ],
+    ids=["uniform", "label-indexed"],
+)
+def test_patches_of_volumes_on_disk_are_read_one_at_a_time_when_yielded(sampler):
+    """The buffer of 16 holds locations: after k patches exactly k boxes per key have been read (the label index
+    draws without reading the map), each the box of a patch yielded. Reading every patch at its draw reads 12 boxes
+    per key before the first patch."""
+    data = [on_disk(item, f"case{i}", indexed=True) for i, item in enumerate(volumes(4))]
+    arrays = {key: [item[key] for item in data] for key in ("image", "label")}
+    q = mpp.PatchQueue(data, 16, 6, sampler, seed=0)
+    patches = []
+    for patch in q:
+        patches.append(patch)
+        for key, opened in arrays.items():
+            assert sum(len(array.reads) for array in opened) == len(patches), key
+        assert patch[mpp.LOCATION].tolist() == patch["image"].meta[mpp.LOCATION].tolist()
+    assert len(patches) == len(q) == 24
+    for i, (image, label) in enumerate(zip(arrays["image"], arrays["label"])):
+        own = [p for p in patches if p["id"] == i]
+        assert sorted(image.reads) == sorted(label.reads) == sorted(_patch_boxes(own, 1))
+        assert sorted(int(p["image"].meta["patch_index"]) for p in own) == list(range(6))
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [mpp.UniformSampler(4, keys=["image", "label"]), mpp.LabelSampler(4, "label", {0: 1, 1: 1, 3: 2})],
+    ids=["uniform", "label"],
+)
+@pytest.mark.parametrize("meta_keys", [DEFAULT_META_KEYS, None])
+def test_volumes_on_disk_give_the_patches_of_the_same_volumes_in_memory(sampler, meta_keys):
+    """Same seed: the same patches (voxels, location, metadata, crop record) in the same order, shuffled and sampled
+    in chunks (7 patches per volume, a buffer of 3), whether read when yielded or at once."""
+    data = volumes(4, counts={1: 2, 2: 0})
+    lazy = [on_disk(item, f"case{i}") for i, item in enumerate(data)]  # no label index: the same draws as in memory
+    memory = [in_memory(item, f"case{i}") for i, item in enumerate(data)]
+    for epoch in range(2):
+        runs = []
+        for items in (lazy, memory):
+            q = mpp.PatchQueue(items, 3, 7, sampler, seed=5, meta_keys=meta_keys)
+            q.set_epoch(epoch)
+            runs.append(list(q))
+        got, want = runs
+        assert len(got) == len(want) == 7 + 2 + 7
+        assert signature(got) == signature(want)
+        for a, b in zip(want, got):
+            _assert_same_patch(a, b)
+            assert meta_keys is None or set(a["image"].meta) <= set(DEFAULT_META_KEYS)
+            for key in ("image", "label"):
+                for name, value in a[key].meta.items():
+                    assert np.array_equal(np.asarray(value), np.asarray(b[key].meta[name])), (key, name)
+    assert sum(len(item["image"].reads) for item in lazy) == 2 * 16  # read only the patches, each once
+
+
+class VanishedArray(CountingArray):
+    """An array-like whose chunk files have gone: opening works, reading a box fails."""
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        raise OSError("chunk file image/0.0.0 not found")
+
+
+def open_case(item: dict) -> dict:
+    """A ``LoadLazyd`` stand-in: opens ``item``'s volume as array-likes; the case named ``broken`` cannot be read."""
+    kind = VanishedArray if "broken" in item["image"] else CountingArray
+    shape = (1, *SHAPE)
+    return {"image": kind(np.zeros(shape, np.float32)), "label": CountingArray(np.zeros(shape, np.uint8))}
+
+
+def test_a_patch_on_disk_that_fails_to_read_names_its_volume_when_yielded():
+    data = [{"image": "/data/good.zarr"}, {"image": "/data/broken.zarr"}]
+    q = mpp.PatchQueue(data, 8, 3, mpp.UniformSampler(4), transform=open_case, shuffle=False)
+    delivered = []
+    with pytest.raises(
+        RuntimeError, match=r"sampling volume 1 \(image=/data/broken.zarr\) failed: OSError: chunk"
+    ) as raised:
+        for patch in q:
+            delivered.append(patch)
+    assert isinstance(raised.value.__cause__, OSError)
+    assert len(delivered) == 3  # the good volume's patches came first: the broken one was drawn, then read

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from copy import deepcopy
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +35,22 @@ from .._shapes import (
 from .._shapes import spatial_shape as _spatial_shape
 from .crop import crop_box, crop_source, read_crop, translated_affines, uncrop
 
-__all__ = ["PatchSampler"]
+__all__ = ["PatchDraw", "PatchSampler"]
+
+
+class PatchDraw(NamedTuple):
+    """One draw of a sampler, before anything is cropped: what :meth:`PatchSampler.crop_patches` needs.
+
+    Attributes:
+        keys: the keys to crop, in the order the sampler crops them.
+        corners: ``(n, ndim)`` int64 patch corners; empty when there is nothing to crop (``allow_missing_keys`` and
+            none of the keys in the data).
+        size: the patch size, one int per spatial dim (``()`` when there is nothing to crop).
+    """
+
+    keys: tuple[Hashable, ...]
+    corners: np.ndarray
+    size: tuple[int, ...]
 
 
 def _check_num_samples(num_samples: int | None) -> int | None:
@@ -206,12 +221,46 @@ class PatchSampler(Randomizable, MapTransform, InvertibleTransform, LazyTransfor
                 f"...}}), got {type(data).__name__}.{hint}"
             )
         d = dict(data)
-        self.randomize(d)
-        if len(self._corners):
-            patches = self.crop_patches(d, self._keys, self._corners, self._size, self.lazy if lazy is None else lazy)
-        else:  # nothing to crop (allow_missing_keys): the data as it is, once per sample, as MONAI returns it
-            patches = [_entries_for_a_patch(d) for _ in range(self.num_samples or 1)]
+        patches = self.crop_drawn(d, self.draw(d), self.lazy if lazy is None else lazy)
         return patches if self.num_samples is not None else patches[0]
+
+    def draw(self, data: Mapping[Hashable, Any]) -> PatchDraw:
+        """Check ``data`` and draw this call's patch corners from ``self.R``, reading no patch.
+
+        What :meth:`__call__` does before cropping (it calls this), for a caller that crops later: passing the
+        result to :meth:`crop_drawn` gives the patches ``__call__`` gives for the same random state; passing its rows
+        one at a time to :meth:`crop_patches` gives the same patches, except that each is numbered 0
+        (``patch_index``). Reads only what the draw needs (a label or weight map).
+
+        Args:
+            data: the subject dict; never modified.
+
+        Returns:
+            The keys to crop, the ``(num_samples or 1, ndim)`` corners and the patch size.
+
+        Raises:
+            KeyError, ValueError: as :meth:`__call__`.
+        """
+        self.randomize(data)
+        return PatchDraw(tuple(self._keys), self._corners, self._size)
+
+    def crop_drawn(
+        self, data: Mapping[Hashable, Any], drawn: PatchDraw, lazy: bool = False
+    ) -> list[dict[Hashable, Any]]:
+        """The patches of a :meth:`draw` of ``data``, always as a list.
+
+        Args:
+            data: the subject dict the draw was made from; never modified.
+            drawn: the draw.
+            lazy: queue the crops as pending operations instead of executing them.
+
+        Returns:
+            :meth:`crop_patches` of the draw's corners; when there is nothing to crop (``allow_missing_keys`` and
+            none of the keys in the data), the data as it is, once per sample, as MONAI's croppers return it.
+        """
+        if len(drawn.corners):
+            return self.crop_patches(data, drawn.keys, drawn.corners, drawn.size, lazy)
+        return [_entries_for_a_patch(data) for _ in range(self.num_samples or 1)]
 
     def crop_patches(
         self,
