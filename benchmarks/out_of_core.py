@@ -32,6 +32,7 @@ Run from the repository root (needs ``pip install -e ".[outofcore]"``)::
     python benchmarks/out_of_core.py --net conv
     python benchmarks/out_of_core.py --quick          # 128x96x64 (smoke test)
     python benchmarks/out_of_core.py --rows memmap zarr memory    # only these rows (``parts``: the parts table)
+    python benchmarks/out_of_core.py --rows memmap-memory memory --repeats 5  # the lazy / in-memory wall ratio
     python benchmarks/out_of_core.py --shape 256 1024 512 --warm-up  # fewer rows; runtime warmed up first
     python benchmarks/out_of_core.py --rows sharded --warm-up        # 2 gloo ranks, 1x1x512x512x256
 """
@@ -45,6 +46,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -286,17 +288,21 @@ def memory_tables(args: argparse.Namespace, folder: str, shape: tuple[int, ...])
     if any(which in args.rows for which in RUNS):
         print("| run | wall (s) | peak RSS above baseline (MiB) | peak / floor | read / input |")
         print("|---|---|---|---|---|")
-    rows = {}
-    for which, label in RUNS.items():
-        if which not in args.rows:
-            continue
-        rows[which] = r = collect(spawn(which, folder, args.net, warm=args.warm_up))
-        read = f"{r['read'] / (gib * 2**30):.3f}" if "read" in r else ""
-        print(f"| {label} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / floor:.2f} | {read} |")
+    chosen = [which for which in RUNS if which in args.rows]
+    runs: dict[str, list[dict]] = {which: [] for which in chosen}
+    for r in range(args.repeats):  # a fresh process per row and round; the order alternates between rounds
+        for which in chosen if r % 2 == 0 else chosen[::-1]:
+            runs[which].append(collect(spawn(which, folder, args.net, warm=args.warm_up)))
+    for which in chosen:
+        r = runs[which]
+        seconds, peak = statistics.median(x["seconds"] for x in r), max(x["peak_mib"] for x in r)
+        read = f"{r[0]['read'] / (gib * 2**30):.3f}" if "read" in r[0] else ""
+        print(f"| {RUNS[which]} | {seconds:.2f} | {peak:.0f} | {peak / floor:.2f} | {read} |")
     print()
-    if "memmap-memory" in rows and "memory" in rows:
-        ratio = rows["memmap-memory"]["seconds"] / rows["memory"]["seconds"]
-        print(f"lazy input (memmap, output in memory) / in-memory GridInferer wall time: {ratio:.2f}")
+    if "memmap-memory" in runs and "memory" in runs:
+        ratios = [a["seconds"] / b["seconds"] for a, b in zip(runs["memmap-memory"], runs["memory"])]
+        print(f"lazy input (memmap, output in memory) / in-memory GridInferer wall time, paired by round: "
+              f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
         print()
     if "parts" not in args.rows:
         return
@@ -384,6 +390,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--net", default="identity", choices=("identity", "conv"))
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the memory table's rows (wall: median; peak: the largest; the lazy / "
+                        "in-memory ratio: the median of the rounds' paired ratios)")  # fmt: skip
     groups = [*RUNS, "parts", "sharded"]
     parser.add_argument("--rows", nargs="+", choices=groups, default=groups,
                         help="the rows to run (default: all; parts, sharded: those tables)")  # fmt: skip

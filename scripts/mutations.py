@@ -38,11 +38,15 @@ GRID = ("monai_patchplug/grid.py", "monai_patchplug/sampling/grid.py")
 WINDOWS = ("monai_patchplug/inference/windows.py",)
 BLEND = ("monai_patchplug/inference/blend.py",)
 INDEX = ("monai_patchplug/label_index.py",)
+ENSEMBLE = ("monai_patchplug/inference/ensemble.py",)
+DISTRIBUTED = ("monai_patchplug/inference/distributed.py",)
+QUEUE = ("monai_patchplug/queue.py",)
 
 SAMPLING_TESTS = ("tests/test_label.py", "tests/test_weighted.py", "tests/test_uniform.py", "tests/test_monai_args.py")
 GRID_TESTS = ("tests/test_grid.py", "tests/test_aggregator.py", "tests/test_inferer.py")
 BLEND_TESTS = ("tests/test_aggregator.py", "tests/test_inferer.py")
 INDEX_TESTS = ("tests/test_lazy_sampling.py",)
+TTA_TESTS = ("tests/test_tta.py",)
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,35 @@ MUTANTS = [
         "keys = np.random.default_rng(_CAP_SEED).random(group.size)",
         "keys = np.zeros(group.size)",
         INDEX_TESTS,
+    ),
+    # -- mirroring, sharded gather, the queue of locations ------------------------------------------------------------
+    Mutant(
+        "mirroring: each result weighs as much as the whole mean (no 1/2^k)",
+        ENSEMBLE,
+        "scale = weight / len(self.flips)",
+        "scale = weight",
+        TTA_TESTS,
+    ),
+    Mutant(
+        "mirroring: a patch's outputs are flipped back along the axis before the right one",
+        ENSEMBLE,
+        "patch_dims = [d - 1 for d in dims]",
+        "patch_dims = [d - 2 for d in dims]",
+        TTA_TESTS,
+    ),
+    Mutant(
+        "sharded gather: a receiving rank puts every rank's rows where its own rows go",
+        DISTRIBUTED,
+        "        elif receiving:\n            part = volume[:, :, rows]",
+        "        elif receiving:\n            part = volume[:, :, share(n_rows, me, world)]",
+        ("tests/test_scale_out.py",),
+    ),
+    Mutant(
+        "queue: a patch of a volume on disk is read when drawn, not when yielded",
+        QUEUE,
+        "            if _deferrable(volume, drawn):",
+        "            if False:",
+        ("tests/test_queue.py",),
     ),
 ]
 
