@@ -18,13 +18,17 @@ TorchIO is optional: without it its row is skipped with a note.
 ``--store`` measures training from disk instead (issue 16): the same cases written as ``.nii.gz`` and ``.nii``, and
 prepared once by ``PatchStore`` (chunked lz4 zarr + label index); rows: ``PatchQueue`` + ``LoadLazyd(dtype=None)``
 on the store (only the patches are read, straight from the chunk files; the label index draws the centres), the same
-with the reads through ``zarr.Array`` (paired, to show the direct reader's gain), TorchIO's Queue and MONAI
-(``Dataset`` + ``LoadImaged(dtype=None)`` + ``RandCropByLabelClassesd``) on the ``.nii.gz`` and the ``.nii`` files
-(``--only-store``: our two rows only). It prints patches/s, a worker's peak RSS and its peak private memory
+with the reads through ``zarr.Array`` (paired, to show the direct reader's gain), a floor (:class:`FloorPatches`:
+the same ``DataLoader`` settings and number of patches over a dataset that reads nothing and yields ready-made
+patches of the same structure, ``MetaTensor`` s with PatchQueue's default kept metadata: the memory a worker needs for
+the DataLoader alone), TorchIO's Queue and MONAI (``Dataset`` + ``LoadImaged(dtype=None)`` +
+``RandCropByLabelClassesd``) on the ``.nii.gz`` and the ``.nii`` files (``--only-store``: our two rows and the
+floor). It prints patches/s, a worker's peak RSS and its peak private memory
 (its unique set size, USS) above their values before its first volume (see :class:`RecordRSS`), each also in
 batches of patches against issue 16's target (at most 4 batches above the baseline; the buffer of ``--max-length``
-patches of a volume on disk holds locations, read when yielded, so it costs no voxels), one batch of patches, and the
-store's size against the ``.nii.gz`` files.
+patches of a volume on disk holds locations, read when yielded, so it costs no voxels), one batch of patches, the
+store's size against the ``.nii.gz`` files, and after the table the queue's peak RSS and USS above baseline minus the
+floor's.
 
 Run from the repository root::
 
@@ -37,6 +41,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import resource
 import statistics
@@ -54,8 +59,10 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from monai.utils import MetaKeys, TraceKeys
+from torch.utils.data import IterableDataset, get_worker_info
 
 import monai_patchplug as mpp
 
@@ -120,13 +127,14 @@ def run_epoch(make_epoch: Callable[[], Iterable]) -> tuple[float, int]:
 class RecordRSS:
     """A transform that adds the worker's memory so far (bytes) to the data dict (collated with the patches).
 
-    ``rss``: the peak RSS (``ru_maxrss``); ``rss_above``: that minus the worker's RSS before its first volume (the
-    interpreter's baseline); ``private_above``: the peak of its unique set size (USS: ``Private_Clean`` +
-    ``Private_Dirty`` of ``/proc/self/smaps_rollup``, the pages no other process maps: what the worker added,
-    copy-on-write copies of its parent's pages included; sampled every 50 ms by a thread, ~2 ms a read) minus its USS
-    at that baseline. RSS also counts the pages of the parent (library code, the parent's heap) that a forked worker
-    maps again, shared with its parent: RSS above baseline overstates what the worker adds, and may understate it
-    when the worker reuses the parent's freed heap.
+    ``rss``: the peak RSS since the worker's baseline (``VmHWM``, reset to the current RSS at the baseline, so a
+    peak the forked worker had before it, e.g. at fork, does not count); ``rss_above``: that minus the worker's RSS
+    before its first volume (the interpreter's baseline); ``private_above``: the peak of its unique set size (USS:
+    ``Private_Clean`` + ``Private_Dirty`` of ``/proc/self/smaps_rollup``, the pages no other process maps: what the
+    worker added, copy-on-write copies of its parent's pages included; sampled every 50 ms by a thread, ~2 ms a
+    read) minus its USS at that baseline. RSS also counts the pages of the parent (library code, the parent's heap)
+    that a forked worker maps again, shared with its parent: RSS above baseline overstates what the worker adds, and
+    may understate it when the worker reuses the parent's freed heap.
     """
 
     def __init__(self, transform: Callable[[Any], Any]) -> None:
@@ -134,12 +142,13 @@ class RecordRSS:
 
     def __call__(self, item: Any) -> Any:
         if self.base is None:  # this worker's RSS before its first volume: the interpreter's baseline
+            reset_peak_rss()
             self.base, self.private_base = current_rss(), private_memory()
             self.private_peak = self.private_base
             threading.Thread(target=self._sample, daemon=True).start()
         out = self.transform(item)
         if isinstance(out, dict):
-            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            top = peak_rss_since_reset()
             private = max(self.private_peak, private_memory()) - self.private_base
             out = {**out, "rss": top, "rss_above": top - self.base, "private_above": private}
         return out
@@ -158,6 +167,23 @@ def private_memory() -> int:
         return sum(int(fields[k].split()[0]) * 1024 for k in ("Private_Clean", "Private_Dirty"))
     except (OSError, KeyError, ValueError):
         return 0
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (``VmHWM``) to its RSS now (Linux ``/proc/self/clear_refs``; else nothing)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_since_reset() -> int:
+    """This process's peak RSS since :func:`reset_peak_rss` (bytes; ``VmHWM``, else ``ru_maxrss``: since start)."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss() -> int:
@@ -188,8 +214,92 @@ def zarr_reads(item: dict) -> dict:
     return item
 
 
-def store_loops(files_gz: list, files_nii: list, prepared: list, args: argparse.Namespace, tio: Any) -> dict:
-    """The loops compared in ``--store`` mode: ours on the prepared store, TorchIO and MONAI on the files."""
+FLOOR = "floor: DataLoader over ready-made patches (reads nothing)"
+
+
+class FloorPatches(IterableDataset):
+    """The floor of a worker's memory: the store rows' patches, without reading anything (the ``--store`` floor row).
+
+    Each worker takes every ``num_workers``-th case, as PatchQueue does, and freezes its inherited objects
+    (``gc.freeze``, as PatchQueue's workers do). It keeps PatchQueue's schedule with a buffer of ``max_length`` that
+    holds no patches, only the record each buffered patch will carry: per case, it yields (making each patch then)
+    until the case's ``samples`` patches fit, calls ``record`` (a :class:`RecordRSS`, where PatchQueue loads the
+    volume; the "volume" it wraps is an empty dict, so the baseline is taken before the first case, as in the store
+    rows) and buffers ``samples`` patches carrying it; it empties the buffer at the end. So the memory is recorded at
+    the same points of the stream as in the store rows. A patch has the structure of PatchQueue's with its default
+    ``meta_keys``: ``MetaTensor`` s ``"label"`` (uint8) and ``"image"`` (float32) of ``(1, patch, patch, patch)``, new
+    memory each, written (``fill_``), with the kept meta entries and one ``applied_operations`` record, and the
+    ``LOCATION`` entry, an int64 ``(6,)`` tensor.
+    """
+
+    def __init__(self, files: list[dict[str, str]], shape: tuple[int, ...], args: argparse.Namespace) -> None:
+        self.files, self.shape, self.patch, self.samples = files, shape, args.patch, args.samples
+        self.max_length = args.max_length
+        self.record = RecordRSS(lambda index: {})
+
+    def __len__(self) -> int:
+        return len(self.files) * self.samples
+
+    def __iter__(self) -> Iterable[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            gc.freeze()
+        rng = np.random.default_rng(worker)
+        pending: list[tuple[int, int, dict]] = []  # (case, patch number, record) of each buffered patch, oldest first
+        for index in range(len(self.files))[worker::num_workers]:
+            drawn, record = 0, None
+            while drawn < self.samples:
+                chunk = min(self.samples - drawn, self.max_length)
+                while len(pending) > self.max_length - chunk:
+                    yield self.ready_made(*pending.pop(0), rng)
+                if record is None:  # PatchQueue loads the volume here, once room is made
+                    record = self.record(index)
+                pending.extend((index, drawn + i, record) for i in range(chunk))
+                drawn += chunk
+        while pending:
+            yield self.ready_made(*pending.pop(0), rng)
+
+    def ready_made(self, index: int, number: int, record: dict, rng: np.random.Generator) -> dict[str, Any]:
+        """Patch ``number`` of case ``index`` at a random corner, with ``record``'s entries."""
+        corner = rng.integers(0, np.maximum(np.asarray(self.shape) - self.patch, 0) + 1)
+        return {**self.patch_dict(index, number, corner), **record}
+
+    def patch_dict(self, index: int, number: int, corner: np.ndarray) -> dict[str, Any]:
+        """One ready-made patch of case ``index`` at ``corner``."""
+        size = np.full(len(self.shape), self.patch)
+        location = torch.as_tensor(np.concatenate([corner, corner + size]), dtype=torch.int64)
+        cropped = [int(v) for pair in zip(corner, np.asarray(self.shape) - corner - size) for v in pair]
+        patch: dict[str, Any] = {}
+        for key, dtype in (("label", torch.uint8), ("image", torch.float32)):
+            data = torch.empty((1, *size.tolist()), dtype=dtype).fill_(1)
+            affine = torch.eye(4, dtype=torch.float64)
+            affine[:3, 3] = torch.as_tensor(corner, dtype=torch.float64)
+            meta = {
+                MetaKeys.AFFINE: affine,
+                MetaKeys.ORIGINAL_AFFINE: np.eye(4),
+                MetaKeys.SPATIAL_SHAPE: np.asarray(self.shape),
+                MetaKeys.SPACE: "RAS",
+                MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+                "filename_or_obj": self.files[index][key],
+                "patch_index": number,
+                "crop_center": corner + size // 2,
+                mpp.LOCATION: location.clone(),
+            }
+            operation = {
+                TraceKeys.CLASS_NAME: "LabelSampler", TraceKeys.ID: id(self), TraceKeys.TRACING: True,
+                TraceKeys.DO_TRANSFORM: True, TraceKeys.ORIG_SIZE: tuple(self.shape), TraceKeys.LAZY: False,
+                TraceKeys.EXTRA_INFO: {"cropped": cropped},
+            }  # fmt: skip
+            patch[key] = MetaTensor(data, meta=meta, applied_operations=[operation])
+        patch[mpp.LOCATION] = location
+        return patch
+
+
+def store_loops(
+    files_gz: list, files_nii: list, prepared: list, shape: tuple[int, ...], args: argparse.Namespace, tio: Any
+) -> dict:
+    """The loops compared in ``--store`` mode: ours on the prepared store, the floor, TorchIO and MONAI on the files."""
     from monai.data import Dataset
     from monai.transforms import RandCropByLabelClassesd
 
@@ -201,6 +311,8 @@ def store_loops(files_gz: list, files_nii: list, prepared: list, args: argparse.
     ):
         queue = mpp.PatchQueue(prepared, args.max_length, args.samples, sampler, transform=RecordRSS(load), seed=0)
         loops[name] = lambda q=queue: DataLoader(q, batch_size=args.batch, num_workers=args.workers)
+    floor = FloorPatches(files_gz, shape, args)
+    loops[FLOOR] = lambda: DataLoader(floor, batch_size=args.batch, num_workers=args.workers)
     if args.only_store:
         return loops
     for suffix, files in ((".nii.gz", files_gz), (".nii", files_nii)):
@@ -237,7 +349,7 @@ def run_store(args: argparse.Namespace, tio: Any) -> int:
         if args.zarr_threads:  # zarr's reader threads per worker (default: one per core); 1 was faster on 2 cores
             zarr.config.set({"threading.max_workers": args.zarr_threads})
 
-        loops = store_loops(files_gz, files_nii, prepared, args, tio)
+        loops = store_loops(files_gz, files_nii, prepared, shape, args, tio)
         baseline = current_rss()
         times: dict[str, list[float]] = {name: [] for name in loops}
         peaks: dict[str, tuple[int, ...]] = dict.fromkeys(loops, (0, 0, 0))
@@ -281,6 +393,10 @@ def run_store(args: argparse.Namespace, tio: Any) -> int:
         peak = f"{top:.0f} ({above:.0f} above its baseline: {above / batch_mib:.1f} batches)" if top else "n/a"
         private = f"{private:.0f} ({private / batch_mib:.1f} batches, target <= 4)" if top else "n/a"
         print(f"| {name} | {seconds:.2f} | {expected / seconds:.1f} | {seconds / ours_s:.2f}x | {peak} | {private} |")
+    (_, queue_above, queue_private), (_, floor_above, floor_private) = peaks[OURS], peaks[FLOOR]
+    above, private = (queue_above - floor_above) / 2**20, (queue_private - floor_private) / 2**20
+    print(f"\n{OURS} minus the floor: peak RSS above baseline {above:+.1f} MiB ({above / batch_mib:+.1f} batches), "
+          f"USS above baseline {private:+.1f} MiB ({private / batch_mib:+.1f} batches)")  # fmt: skip
     return 0
 
 
