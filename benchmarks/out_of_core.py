@@ -4,7 +4,8 @@ A ``1x1x1024x1024x512`` float32 input (2 GiB) on disk, as a ``numpy.memmap`` and
 overlap 16, hann, batch 4; a 1-channel identity network (``--net conv`` for a small conv net); the output streamed
 to a zarr store. Every row runs in a fresh subprocess, which prints its wall time, its peak resident memory above
 what it held just before the run (``VmHWM`` after a reset, glibc mapping every large buffer on its own) and the
-bytes it read from the input (the input is wrapped in a counting array-like). Rows:
+bytes it read from the input (a zarr input is wrapped in a counting array-like; a memmap is passed as it is, and the
+inferer serves its rows from a mapping of the file, counting each row it serves once: its ``bytes_read``). Rows:
 
 - GridInferer, memmap input with the output in memory (the cost of reading lazily), memmap and zarr inputs with
   the output to zarr (lazy in, lazy out: the output store's compression included);
@@ -93,11 +94,20 @@ class Counting:
         return block
 
 
-def _read_chars() -> int:
-    """Bytes this process has read through read system calls so far (``rchar`` of ``/proc/self/io``): a memmap
-    input's rows (positioned reads) and anything else read, so an upper bound of the input's bytes read."""
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+def record_sources() -> list:
+    """A list that collects every lazy input source the inferer opens from now on in this process (each counts the
+    bytes it reads or serves, ``bytes_read``)."""
+    from monai_patchplug.inference import inputs
+
+    opened: list = []
+    init = inputs.LazySource.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    inputs.LazySource.__init__ = recording_init
+    return opened
 
 
 def network(name: str):
@@ -164,9 +174,10 @@ def child(which: str, folder: str, net: str, part: str, warm: str = "cold") -> d
             warm_up(model)
         if which in ("memmap", "memmap-memory", "zarr", "part"):
             source = np.load(f"{folder}/x.npy", mmap_mode="r") if which != "zarr" else zarr.open(f"{folder}/x.zarr")
-            # a memmap is given as it is (read with positioned reads, counted by the kernel); a zarr store through
-            # a wrapper that counts what it returns
+            # a memmap is given as it is (served from a mapping of its file: counted by the inferer's source, which
+            # counts each row it serves once); a zarr store through a wrapper that counts what it returns
             counted = Counting(source) if which == "zarr" else source
+            sources = record_sources()
             k, n = (int(v) for v in part.split("/")) if which == "part" else (0, 1)
             if which == "memmap-memory":
                 out = torch.empty((1, 1, *shape))
@@ -176,12 +187,12 @@ def child(which: str, folder: str, net: str, part: str, warm: str = "cold") -> d
                     if which == "part"
                     else output_store(folder, which, shape)
                 )
-            baseline, chars = _reset(), _read_chars()
+            baseline = _reset()
             start = time.perf_counter()
             kwargs = {"part": (k, n)} if which == "part" else {}
             mpp.GridInferer(PATCH, OVERLAP, "hann", batch_size=BATCH, output=out, **kwargs)(counted, model)
             result["seconds"] = time.perf_counter() - start
-            result["read"] = counted.bytes if which == "zarr" else _read_chars() - chars
+            result["read"] = counted.bytes if which == "zarr" else sum(src.bytes_read for src in sources)
         else:
             image = torch.from_numpy(np.load(f"{folder}/x.npy"))
             baseline = _reset()  # the input is in memory already

@@ -41,6 +41,7 @@ INDEX = ("monai_patchplug/label_index.py",)
 ENSEMBLE = ("monai_patchplug/inference/ensemble.py",)
 DISTRIBUTED = ("monai_patchplug/inference/distributed.py",)
 QUEUE = ("monai_patchplug/queue.py",)
+INPUTS = ("monai_patchplug/inference/inputs.py",)
 
 SAMPLING_TESTS = ("tests/test_label.py", "tests/test_weighted.py", "tests/test_uniform.py", "tests/test_monai_args.py")
 GRID_TESTS = ("tests/test_grid.py", "tests/test_aggregator.py", "tests/test_inferer.py")
@@ -384,6 +385,20 @@ MUTANTS = [
         "        elif receiving:\n            part = volume[:, :, rows]",
         "        elif receiving:\n            part = volume[:, :, share(n_rows, me, world)]",
         ("tests/test_scale_out.py",),
+    ),
+    Mutant(
+        "memmap views: the rows a row of patches has passed are never released",
+        INPUTS,
+        "        self.release(item, r0)\n        return self.rows_tensor[item, :, r0:r1]",
+        "        return self.rows_tensor[item, :, r0:r1]",
+        ("tests/test_out_of_core.py",),
+    ),
+    Mutant(
+        "memmap views: rows served again are counted again",
+        INPUTS,
+        "        seen = self._viewed.get(item, r0)",
+        "        seen = r0",
+        ("tests/test_out_of_core.py",),
     ),
     Mutant(
         "queue: a patch of a volume on disk is read when drawn, not when yielded",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import re
 from pathlib import Path
 from unittest import mock
@@ -401,23 +400,45 @@ def test_a_zarr_input_gives_exactly_the_in_memory_result(tmp_path):
 
 @pytest.mark.parametrize("mode", ["crop", "hann"])
 @pytest.mark.parametrize("padding", [None, "reflect"])
-def test_a_memmap_is_read_with_positioned_reads_whatever_they_return(tmp_path, monkeypatch, mode, padding):
-    """A whole memmap with unpadded rows is read with ``os.preadv`` (never through the map), short reads are
-    continued, and the result is the in-memory one; a view of a memmap, or rows padded along the other axes, take
-    the mapped path. Both count the bytes of the rows read."""
+def test_a_whole_memmap_is_served_from_its_own_mapping_released_row_by_row(tmp_path, monkeypatch, mode, padding):
+    """A whole memmap with unpadded rows is served as views of a mapping of its file (no slab): every item's rows
+    are asked for in order and counted once, the rows a row of patches has passed are released before the next
+    rows are served, and an item is released whole when the next begins; the result is the in-memory one. A view of
+    a memmap, or rows padded along the other axes, take the slab path (through the caller's map)."""
     data = np.random.default_rng(5).random((2, 2, 23, 9, 7)).astype(np.float32)
     np.save(tmp_path / "x.npy", data)
-    calls, preadv = [], os.preadv
+    served, released, sources = [], [], []
+    rows, release, init = inputs._MemmapFile.rows, inputs._MemmapFile.release, inputs.LazySource.__init__
 
-    def short_preadv(fd, buffers, offset):  # at most 100 bytes per call, as a slow file system may return
-        calls.append(offset)
-        return preadv(fd, [buffers[0][:100]], offset)
+    def spy_rows(self, item, r0, r1):
+        served.append((item, r0, r1))
+        return rows(self, item, r0, r1)
 
-    monkeypatch.setattr(inputs.os, "preadv", short_preadv, raising=True)
+    def spy_release(self, item, below=None):
+        released.append((item, below))
+        return release(self, item, below)
+
+    def spy_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        sources.append(self)
+
+    monkeypatch.setattr(inputs._MemmapFile, "rows", spy_rows)
+    monkeypatch.setattr(inputs._MemmapFile, "release", spy_release)
+    monkeypatch.setattr(inputs.LazySource, "__init__", spy_init)
     inferer = mpp.GridInferer(6, 2, mode, batch_size=3, padding_mode=padding)
     expected = inferer(torch.from_numpy(data), pointwise)
     whole = np.load(tmp_path / "x.npy", mmap_mode="r")
     assert torch.equal(inferer(whole, pointwise), expected)
-    assert (len(calls) > 0) == (padding is None)
-    calls.clear()
-    assert torch.equal(inferer(whole[0:2], pointwise), expected) and not calls  # a view: through the map
+    if padding is None:
+        assert sources[-1].bytes_read == data.nbytes  # each row of each item once
+        for item in (0, 1):
+            spans = [(r0, r1) for k, r0, r1 in served if k == item]
+            assert spans[0][0] == 0 and max(r1 for _, r1 in spans) == 23
+            assert all(b[0] >= a[0] for a, b in zip(spans, spans[1:]))  # rows in grid order
+        starts = sorted({(k, r0) for k, r0, _ in served})
+        assert sorted({(k, r0) for k, r0 in released if r0 is not None}) == starts  # passed rows released first
+        assert (0, None) in released  # item 0 released whole once item 1 began
+    else:
+        assert not served and sources[-1].bytes_read >= data.nbytes
+    served.clear()
+    assert torch.equal(inferer(whole[0:2], pointwise), expected) and not served  # a view of a memmap: the slab path
