@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing
 import re
 from pathlib import Path
@@ -442,3 +443,28 @@ def test_a_whole_memmap_is_served_from_its_own_mapping_released_row_by_row(tmp_p
         assert not served and sources[-1].bytes_read >= data.nbytes
     served.clear()
     assert torch.equal(inferer(whole[0:2], pointwise), expected) and not served  # a view of a memmap: the slab path
+
+
+def test_memmap_rows_served_out_of_order_are_released_with_the_rest(tmp_path):
+    """Rows asked for below those served before (a part's probe patch comes before its first rows) are released
+    once a later row of patches has passed them, not left resident; consecutive releases leave no page out."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 80, 32, 32), np.float32))  # a row is 4 KiB
+    mapped = inputs._MemmapFile.open(np.load(tmp_path / "x.npy", mmap_mode="r"))
+    page, released = mmap.PAGESIZE, []
+
+    class Recorder:
+        def madvise(self, option, start, length):
+            released.extend(range(start, start + length, page))
+
+    def pages(r0, r1):  # the pages from the one row r0 starts in to the one row r1 starts in (excluded)
+        lo, hi = mapped.start + r0 * mapped.row_bytes, mapped.start + r1 * mapped.row_bytes
+        return list(range(lo // page * page, hi // page * page, page))
+
+    mapped.mapping = Recorder()
+    mapped.rows(0, 40, 50)
+    mapped.rows(0, 10, 20)  # out of order
+    assert released == []
+    mapped.rows(0, 60, 70)
+    assert released == pages(10, 60)
+    mapped.release(0)
+    assert sorted(set(released)) == pages(10, 80)

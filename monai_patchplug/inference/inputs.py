@@ -68,7 +68,7 @@ class _MemmapFile:
         self.start = start
         #: bytes of one row of the first spatial axis (all the other spatial axes)
         self.row_bytes = int(np.prod(array.shape[3:], dtype=np.int64)) * array.dtype.itemsize
-        self._released: dict[int, int] = {}  # per item: the rows below this one are released
+        self._low: dict[int, int] = {}  # per item: the lowest row served and not released since
 
     @classmethod
     def open(cls, array: Any) -> _MemmapFile | None:
@@ -97,20 +97,24 @@ class _MemmapFile:
         """The ``(C, r1 - r0, *rest)`` view of rows ``[r0, r1)`` of ``item``; releases the rows of ``item`` below
         ``r0`` first (see :meth:`release`). Allocates nothing."""
         self.release(item, r0)
+        self._low[item] = min(self._low.get(item, r0), r0)  # rows asked for out of order are released later too
         return self.rows_tensor[item, :, r0:r1]
 
     def release(self, item: int, below: int | None = None) -> None:
-        """Release the mapped pages of ``item``'s rows below ``below`` (all its rows for ``None``) that lie wholly in
-        them, in every channel; rows released before are skipped."""
-        first = self._released.get(item, 0)
+        """Release the mapped pages of ``item``'s rows below ``below`` (all its rows for ``None``), in every channel,
+        from the lowest row served since the last release (from the page it starts in); nothing when none was
+        served."""
+        first = self._low.get(item)
         last = self.shape[2] if below is None else below
-        if last <= first:
+        if first is None or last <= first:
             return
-        self._released[item] = last
+        self._low[item] = last
         page = mmap.PAGESIZE
         for c in range(self.shape[1]):
             channel = self.start + (item * self.shape[1] + c) * self.shape[2] * self.row_bytes
-            lo = -(-(channel + first * self.row_bytes) // page) * page
+            # pages end where a row ends rounded down, so consecutive releases tile: a page shared with the next
+            # row stays until the next release (not before its channel: another channel's rows may be in use)
+            lo = max((channel + first * self.row_bytes) // page * page, -(-channel // page) * page)
             hi = (channel + last * self.row_bytes) // page * page
             if hi > lo:
                 self.mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
