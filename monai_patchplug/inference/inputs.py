@@ -58,7 +58,7 @@ class _MemmapFile:
     stay in the process's resident memory until released, so the rows a row of patches has passed are released
     (``madvise(MADV_DONTNEED)``; the pages stay in the page cache), and only about one row of patches' input is
     resident (a 2 GiB input copied through its map left the process 2.3 GiB resident). Against copying each row into
-    a slab first (positioned reads), this saves a copy of the input: 1.12x instead of 1.26x the in-memory run's wall
+    a slab first (positioned reads), this saves a copy of the input: 1.14x instead of 1.26x the in-memory run's wall
     time in ``benchmarks/out_of_core.py``.
     """
 
