@@ -315,6 +315,8 @@ def memory_tables(args: argparse.Namespace, folder: str, shape: tuple[int, ...])
         print(f"lazy input (memmap, output in memory) / in-memory GridInferer wall time, paired by round: "
               f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
         print()
+    if "zarr" in runs:
+        chunk_floor(folder, floor, max(x["peak_mib"] for x in runs["zarr"]))
     if "parts" not in args.rows:
         return
     print(f"# parts: each part a process with one torch thread and one zarr thread, {args.cores} at once, into one "
@@ -338,6 +340,21 @@ def memory_tables(args: argparse.Namespace, folder: str, shape: tuple[int, ...])
         peaks = "/".join(f"{r['peak_mib']:.0f}" for r in results)
         read = sum(r["read"] for r in results) / (gib * 2**30)
         print(f"| {n} | {wall:.1f} | {wall / single:.2f} | {peaks} | {read:.3f} |")
+    print()
+
+
+def chunk_floor(folder: str, floor: float, peak: float) -> None:
+    """Print the floor of a row-streaming design reading a compressed chunked store: the row-streaming floor plus the
+    codec's least working set, one decoded input chunk and its compressed bytes (its largest chunk file), and the
+    zarr row's peak against it."""
+    store = zarr.open(f"{folder}/x.zarr", mode="r")
+    decoded = int(np.prod(store.chunks)) * store.dtype.itemsize / 2**20
+    files = [os.path.join(d, f) for d, _, names in os.walk(f"{folder}/x.zarr") for f in names if f != "zarr.json"]
+    compressed = max(os.path.getsize(f) for f in files) / 2**20
+    with_codec = floor + decoded + compressed
+    print(f"zarr input: the row-streaming floor plus one decoded chunk ({decoded:.0f} MiB) and its compressed bytes "
+          f"({compressed:.0f} MiB) = {with_codec:.0f} MiB; the zarr row's peak is "
+          f"{peak / with_codec:.2f}x that")  # fmt: skip
     print()
 
 
