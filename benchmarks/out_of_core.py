@@ -25,7 +25,8 @@ inferer serves its rows from a mapping of the file, counting each row it serves 
   single-process ``GridInferer`` run.
 
 Also printed: the floor of a row-streaming design (one input row slab: patch rows x the other axes x C_in; one
-output row slab: x C_out; one batch) that the peak is compared with.
+output row slab: x C_out; one batch) that the peak is compared with, and, for the zarr input, that floor plus the
+codec's least working set (one decoded chunk and its compressed bytes).
 
 Run from the repository root (needs ``pip install -e ".[outofcore]"``)::
 
