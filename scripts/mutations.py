@@ -389,8 +389,15 @@ MUTANTS = [
     Mutant(
         "memmap views: the rows a row of patches has passed are never released",
         INPUTS,
-        "        self.release(item, r0)\n        return self.rows_tensor[item, :, r0:r1]",
-        "        return self.rows_tensor[item, :, r0:r1]",
+        "        self.release(item, r0)\n        self._low[item]",
+        "        self._low[item]",
+        ("tests/test_out_of_core.py",),
+    ),
+    Mutant(
+        "memmap views: rows asked for out of order are not released later",
+        INPUTS,
+        "self._low[item] = min(self._low.get(item, r0), r0)",
+        "self._low.setdefault(item, r0)",
         ("tests/test_out_of_core.py",),
     ),
     Mutant(
