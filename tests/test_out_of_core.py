@@ -468,3 +468,14 @@ def test_memmap_rows_served_out_of_order_are_released_with_the_rest(tmp_path):
     assert released == pages(10, 60)
     mapped.release(0)
     assert sorted(set(released)) == pages(10, 80)
+
+
+def test_a_copy_on_write_memmap_is_read_as_the_caller_sees_it(tmp_path):
+    """A memmap opened copy-on-write (``mmap_mode="c"``) holds changes its file does not: it is read through the
+    caller's map, so the changes count, as for the same array in memory."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 20, 9, 7), np.float32))
+    changed = np.load(tmp_path / "x.npy", mmap_mode="c")
+    changed[0, 0, 3:11] = 5.0
+    inferer = mpp.GridInferer(6, 2, "hann", batch_size=3)
+    assert inputs._MemmapFile.open(changed) is None
+    assert torch.equal(inferer(changed, pointwise), inferer(torch.from_numpy(np.array(changed)), pointwise))

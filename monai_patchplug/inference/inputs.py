@@ -73,11 +73,13 @@ class _MemmapFile:
     @classmethod
     def open(cls, array: Any) -> _MemmapFile | None:
         """A mapping of ``array``'s file if ``array`` is a whole, C-ordered, native-order memmap of a file whose
-        dtype torch has, on an OS that can release mapped pages; else ``None``. Maps the array's bytes (no read)."""
+        dtype torch has, not copy-on-write (mode ``"c"``: its changes are not in the file), on an OS that can release
+        mapped pages, and the file still holds it; else ``None``. Maps the array's bytes (no read)."""
         usable = (
             isinstance(array, np.memmap)
             and isinstance(array.base, mmap.mmap)
             and array.filename is not None
+            and getattr(array, "mode", "c") != "c"
             and array.flags.c_contiguous
             and array.dtype.isnative
             and array.size > 0
@@ -87,8 +89,11 @@ class _MemmapFile:
             return None
         offset = int(array.offset)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with open(array.filename, "rb") as f:
-            mapping = mmap.mmap(f.fileno(), offset - start + array.nbytes, access=mmap.ACCESS_READ, offset=start)
+        try:
+            with open(array.filename, "rb") as f:
+                mapping = mmap.mmap(f.fileno(), offset - start + array.nbytes, access=mmap.ACCESS_READ, offset=start)
+        except (OSError, ValueError):  # the file is gone or shorter now: read through the caller's memmap
+            return None
         flat = np.frombuffer(mapping, dtype=array.dtype, count=array.size, offset=offset - start)
         rows = _shared_tensor(flat.reshape(array.shape))
         return None if rows is None else cls(array, rows, mapping, offset - start)
