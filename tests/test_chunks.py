@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-import weakref
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_queue import CountsLivePatches, live, peaks
 
 import monai_patchplug as mpp
 from monai_patchplug import LazyVolume, LoadLazyd, PatchStore
@@ -144,18 +144,8 @@ def test_without_numcodecs_a_compressed_read_says_what_to_install(tmp_path, monk
         volume[0, 0:2, 0:2, 0:2]
 
 
-live: weakref.WeakSet = weakref.WeakSet()
-peaks: list[int] = []
-
-
-class CountingLabelSampler(mpp.LabelSampler):
-    """Records how many patches are alive (anywhere in the process) each time it has read new ones."""
-
-    def crop_patches(self, *args, **kwargs):
-        patches = super().crop_patches(*args, **kwargs)
-        live.update(p["image"] for p in patches)
-        peaks.append(len(live))
-        return patches
+class CountingLabelSampler(CountsLivePatches, mpp.LabelSampler):
+    pass
 
 
 def test_a_queue_on_the_store_holds_one_read_patch_at_a_time(tmp_path):

@@ -191,14 +191,19 @@ live: weakref.WeakSet = weakref.WeakSet()
 peaks: list[int] = []
 
 
-class CountingSampler(mpp.UniformSampler):
-    """Records how many patches are alive (anywhere in the process) each time it has made new ones."""
+class CountsLivePatches:
+    """Mixed into a sampler: records in ``peaks`` how many patches are alive (anywhere in the process, ``live``) each
+    time it has cropped or read new ones."""
 
     def crop_patches(self, *args, **kwargs):
         patches = super().crop_patches(*args, **kwargs)
         live.update(p["image"] for p in patches)
         peaks.append(len(live))
         return patches
+
+
+class CountingSampler(CountsLivePatches, mpp.UniformSampler):
+    pass
 
 
 @pytest.mark.parametrize(("max_length", "samples"), [(7, 3), (5, 12)])
