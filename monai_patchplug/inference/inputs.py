@@ -206,15 +206,15 @@ class LazySource:
         #: a whole memmap's rows inside the file are views of a mapping of their own, released once passed
         self._file = _MemmapFile.open(array) if unpadded else None
         self._viewed: dict[int, int] = {}  # per item, the rows below this one were counted in ``bytes_read``
+        self._file_rows: dict[tuple[int, int], int | None] = {}  # see _file_row
 
     def patch(self, item: int, box: tuple[slice, ...]) -> torch.Tensor:
         """The ``(C, *patch)`` view of ``item`` at ``box`` (padded coordinates), valid until the next call; reads the
         rows it adds to the slab."""
         a, b = box[0].start, box[0].stop
-        if self._file is not None:
-            rows = self.row_source[a:b]
-            if rows[0] >= 0 and rows[-1] - rows[0] == b - a - 1 and (np.diff(rows) == 1).all():
-                return self._view(item, int(rows[0]), int(rows[-1]) + 1, box)
+        first = self._file_row(a, b) if self._file is not None else None
+        if first is not None:
+            return self._view(item, first, first + b - a, box)
         slab = self._slab
         if slab is None or item != self._item or a < self._lo:
             start = a  # a fresh slab
@@ -227,6 +227,15 @@ class LazySource:
             self._read(item, start, b)
         assert self._slab is not None
         return self._slab[(slice(None), slice(None), *box[1:])]
+
+    def _file_row(self, a: int, b: int) -> int | None:
+        """The file row that padded rows ``[a, b)`` start at when they are rows of the file in order (no padding
+        among them), else ``None``; worked out once per row of patches."""
+        if (a, b) not in self._file_rows:
+            rows = self.row_source[a:b]
+            inside = rows[0] >= 0 and rows[-1] - rows[0] == b - a - 1 and bool((np.diff(rows) == 1).all())
+            self._file_rows[(a, b)] = int(rows[0]) if inside else None
+        return self._file_rows[(a, b)]
 
     def _view(self, item: int, r0: int, r1: int, box: tuple[slice, ...]) -> torch.Tensor:
         """The patch at ``box`` as a view of the file's rows ``[r0, r1)`` of ``item`` (see :class:`_MemmapFile`):
