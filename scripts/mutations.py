@@ -382,8 +382,8 @@ MUTANTS = [
     Mutant(
         "sharded gather: a receiving rank puts every rank's rows where its own rows go",
         DISTRIBUTED,
-        "        elif receiving:\n            part = volume[:, :, rows]",
-        "        elif receiving:\n            part = volume[:, :, share(n_rows, me, world)]",
+        "part = volume[:, :, share(n_rows, k, world)] if receiving else volume",
+        "part = volume[:, :, share(n_rows, me, world)] if receiving else volume",
         ("tests/test_scale_out.py",),
     ),
     Mutant(

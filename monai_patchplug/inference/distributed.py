@@ -125,16 +125,11 @@ def gather_rows(volume: torch.Tensor, n_rows: int, group: Any, dst: int | None) 
     world, me = dist.get_world_size(group), dist.get_rank(group)
     receiving = receives_rows(group, dst)
     for k in range(world):
-        rows = share(n_rows, k, world)
-        if k == me:
-            part = volume[:, :, rows] if receiving else volume
-        elif receiving:
-            part = volume[:, :, rows]
-        else:
-            continue  # a sending rank takes no part in another sender's transfer to dst
-        if dst is not None and dist.get_global_rank(group, k) == dst:
-            continue  # dst's own rows are in place
-        _transfer(part, k == me, dist.get_global_rank(group, k), group, dst)
+        src = dist.get_global_rank(group, k)
+        if (k != me and not receiving) or src == dst:
+            continue  # a sender takes no part in another sender's transfer to dst; dst's own rows are in place
+        part = volume[:, :, share(n_rows, k, world)] if receiving else volume
+        _transfer(part, k == me, src, group, dst)
     return volume if receiving else None
 
 
