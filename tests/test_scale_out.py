@@ -141,14 +141,20 @@ def test_memmap_destination_and_slabs_written_while_the_network_still_runs(tmp_p
     assert log[0] < net.calls / 2  # the first slabs are out long before the last patch
 
 
+def _two_items(seed: int, rows: int, mask_share: float | None, **kwargs) -> tuple[torch.Tensor, dict]:
+    """A random ``(2, 1, rows, 9, 7)`` input and GridInferer keywords: ``kwargs``, a fill of -1 and, when
+    ``mask_share`` is given, a random ROI mask holding about that share of the voxels."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, rows, 9, 7, generator=generator)
+    mask = (torch.rand(x.shape, generator=generator) < mask_share) if mask_share is not None else None
+    return x, dict(kwargs, roi_mask=mask, fill_value=-1.0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_slab_sink_reuses_the_accumulators_of_written_segments(mode, masked, monkeypatch):
     """Segments have few heights: a written segment's accumulator is zeroed and reused, with bit-identical results."""
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 1, 61, 9, 7, generator=generator)
-    mask = (torch.rand(2, 1, 61, 9, 7, generator=generator) < 0.02) if masked else None
-    kwargs = dict(overlap_mode=mode, batch_size=3, roi_mask=mask, fill_value=-1.0)
+    x, kwargs = _two_items(3, 61, 0.02 if masked else None, overlap_mode=mode, batch_size=3)
     allocated = []
 
     def zeros(shape, dtype, device):
@@ -172,10 +178,7 @@ def test_slab_sink_reuses_the_accumulators_of_written_segments(mode, masked, mon
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_a_tensor_destination_is_its_own_accumulator(mode, masked, monkeypatch):
-    generator = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 1, 37, 9, 7, generator=generator)
-    mask = (torch.rand(2, 1, 37, 9, 7, generator=generator) < 0.03) if masked else None
-    kwargs = dict(overlap_mode=mode, batch_size=4, roi_mask=mask, fill_value=-1.0)
+    x, kwargs = _two_items(6, 37, 0.03 if masked else None, overlap_mode=mode, batch_size=4)
     copied = np.full((2, 3, 37, 9, 7), np.nan, np.float32)
     mpp.GridInferer(6, 2, **kwargs, output=copied)(x, pointwise)
     monkeypatch.setattr(sinks, "zeros_volume", lambda *args: pytest.fail("an accumulator was allocated"))
